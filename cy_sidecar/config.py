@@ -1,0 +1,286 @@
+"""Configuration: sidecar.toml, environment overrides, validation.
+
+Every setting is one row of ``SETTINGS``: its section, key, type, default, the check that
+decides what is allowed, and the environment variable that overrides it. Loading reads the
+file (``--config``, else ``$SIDECAR_CONFIG``, else built-in defaults), applies the
+environment, validates every value, and remembers where each came from so that
+``cy-sidecar config show`` can say it. A bad value raises :class:`ConfigError` with one line
+naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from typing import Any, Callable
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+class ConfigError(ValueError):
+    """A configuration value that is not allowed; str() is the one-line explanation."""
+
+
+def _host_port(value: str) -> str | None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return "host:port with a port from 1 to 65535, e.g. 0.0.0.0:50051"
+    return None
+
+
+def _upload_target(value: str) -> str | None:
+    return None if value == "" else _host_port(value)
+
+
+def _unix_url(value: str) -> str | None:
+    if not value.startswith("unix://") or len(value) <= len("unix://"):
+        return "unix://PATH, e.g. unix:///tmp/cy_worker.sock"
+    if len(socket_path(value).encode()) > 107:
+        return "a socket path of at most 107 bytes"
+    return None
+
+
+def _between(lo: float, hi: float) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if lo <= value <= hi else f"a number from {lo:g} to {hi:g}"
+
+    return check
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else "one of " + ", ".join(choices)
+
+    return check
+
+
+def _path(value: str) -> str | None:
+    return None if value.strip() else "a non-empty path"
+
+
+def _any(value: Any) -> str | None:
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    section: str
+    key: str
+    type: type
+    default: Any
+    check: Callable[[Any], str | None]
+    env: str = ""
+    doc: str = ""
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("server", "bind_addr", str, "0.0.0.0:50051", _host_port, "SIDECAR_BIND_ADDR",
+            "address the proxy processes serve the Gateway API on (SO_REUSEPORT)"),
+    Setting("server", "worker_uds", str, "unix:///tmp/cy_worker.sock", _unix_url,
+            "SIDECAR_WORKER_UDS", "Unix socket of the inference worker"),
+    Setting("server", "procs", int, 1, _between(1, 64), "SIDECAR_PROCS",
+            "proxy processes; `start --procs` overrides"),
+    Setting("server", "max_concurrent_streams", int, 256, _between(1, 100_000),
+            "SIDECAR_MAX_CONCURRENT_STREAMS",
+            "open StreamPredict calls per proxy process; more get RESOURCE_EXHAUSTED"),
+    Setting("server", "max_prompt_bytes", int, 262_144, _between(1, 8 << 20),
+            "SIDECAR_MAX_PROMPT_BYTES", "longest prompt accepted, in UTF-8 bytes"),
+    Setting("server", "max_frame_bytes", int, 1 << 20, _between(4096, 16 << 20),
+            "SIDECAR_MAX_FRAME_BYTES", "largest frame on the worker socket"),
+    Setting("server", "stream_window", int, 64, _between(1, 65_536), "SIDECAR_STREAM_WINDOW",
+            "chunks the inference worker may send ahead of the Gateway reader, per stream"),
+    Setting("server", "drain_grace_secs", float, 30.0, _between(0, 3600),
+            "SIDECAR_DRAIN_GRACE_SECS", "on SIGTERM, how long open streams may still run"),
+    Setting("server", "control_socket", str, "", _any, "SIDECAR_CONTROL_SOCKET",
+            "socket of `cy-sidecar status/stop/reload`; empty: <state_dir>/control.sock"),
+    Setting("metering", "batch_interval_secs", float, 10.0, _between(0.05, 86_400),
+            "SIDECAR_BATCH_INTERVAL_SECS", "how often pending usage records are uploaded"),
+    Setting("metering", "offline_queue_size", int, 10_000, _between(10, 100_000_000),
+            "SIDECAR_OFFLINE_QUEUE_SIZE",
+            "pending records kept one by one; beyond it the oldest are rolled up exactly"),
+    Setting("metering", "upload_target", str, "", _upload_target, "SIDECAR_UPLOAD_TARGET",
+            "host:port of the Gateway usage service; empty: keep records locally"),
+    Setting("metering", "upload_batch_size", int, 500, _between(1, 100_000),
+            "SIDECAR_UPLOAD_BATCH_SIZE", "records per upload call"),
+    Setting("metering", "state_dir", str, "/var/lib/cy-sidecar", _path, "SIDECAR_STATE_DIR",
+            "ledger, shared-memory meter file and control socket"),
+    Setting("metering", "sidecar_id", str, "", _any, "SIDECAR_ID",
+            "node name sent with uploads; empty: the host name"),
+    Setting("health", "check_interval_secs", float, 5.0, _between(0.05, 3600),
+            "SIDECAR_CHECK_INTERVAL_SECS", "ping interval on the worker connection"),
+    Setting("health", "reconnect_delay_secs", float, 2.0, _between(0.01, 3600),
+            "SIDECAR_RECONNECT_DELAY_SECS", "first delay between worker reconnect attempts"),
+    Setting("health", "max_reconnect_attempts", int, 5, _between(1, 1_000_000),
+            "SIDECAR_MAX_RECONNECT_ATTEMPTS",
+            "backoff attempts before probing slowly (every 30 s)"),
+    Setting("health", "reload_grace_secs", float, 30.0, _between(0, 3600),
+            "SIDECAR_RELOAD_GRACE_SECS",
+            "how long requests are held while the worker loads or reconnects"),
+    Setting("observability", "metrics_port", int, 9090, _between(0, 65535),
+            "SIDECAR_METRICS_PORT", "Prometheus /metrics port on 0.0.0.0; 0 disables"),
+    Setting("observability", "metrics_host", str, "0.0.0.0", _any, "SIDECAR_METRICS_HOST",
+            "address the metrics endpoint binds"),
+    Setting("observability", "log_level", str, "info", _one_of(*LOG_LEVELS),
+            "SIDECAR_LOG_LEVEL", "debug, info, warning or error"),
+    Setting("observability", "log_format", str, "text", _one_of(*LOG_FORMATS),
+            "SIDECAR_LOG_FORMAT", "text (key=value) or json (one object a line)"),
+)
+
+SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))
+_BY_NAME = {(s.section, s.key): s for s in SETTINGS}
+
+
+def socket_path(url: str) -> str:
+    """The filesystem path of a unix:// URL."""
+    return url[len("unix://"):] if url.startswith("unix://") else url
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    values: dict[str, dict[str, Any]]
+    sources: dict[str, str]  # "section.key" -> "default" | "file PATH" | "env NAME"
+    path: str | None = None
+
+    def get(self, section: str, key: str) -> Any:
+        return self.values[section][key]
+
+    def __getattr__(self, name: str) -> Any:
+        # Flat access for the common case: cfg.bind_addr, cfg.state_dir, ...
+        for section in SECTIONS:
+            if name in self.values.get(section, {}):
+                return self.values[section][name]
+        raise AttributeError(name)
+
+    @property
+    def worker_path(self) -> str:
+        return socket_path(self.values["server"]["worker_uds"])
+
+    @property
+    def control_path(self) -> str:
+        return self.values["server"]["control_socket"] or os.path.join(
+            self.values["metering"]["state_dir"], "control.sock"
+        )
+
+    def with_overrides(self, **flat: Any) -> "Config":
+        """A copy with some keys replaced (each validated), e.g. procs from the command line."""
+        values = {sec: dict(keys) for sec, keys in self.values.items()}
+        sources = dict(self.sources)
+        for key, value in flat.items():
+            setting = _find(key)
+            values[setting.section][key] = _validate(setting, value, "command line")
+            sources[f"{setting.section}.{key}"] = "command line"
+        return Config(values, sources, self.path)
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {sec: dict(keys) for sec, keys in self.values.items()}
+
+
+def _find(key: str) -> Setting:
+    for setting in SETTINGS:
+        if setting.key == key:
+            return setting
+    raise KeyError(key)
+
+
+def _coerce(setting: Setting, value: Any, where: str) -> Any:
+    name = f"{setting.section}.{setting.key}"
+    if setting.type is bool:
+        if isinstance(value, bool):
+            return value
+    elif setting.type is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif setting.type is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif setting.type is str and isinstance(value, str):
+        return value
+    raise ConfigError(
+        f"{name} = {value!r} ({where}) is not allowed: expected {setting.type.__name__}"
+    )
+
+
+def _validate(setting: Setting, value: Any, where: str) -> Any:
+    value = _coerce(setting, value, where)
+    problem = setting.check(value)
+    if problem:
+        raise ConfigError(
+            f"{setting.section}.{setting.key} = {value!r} ({where}) is not allowed: "
+            f"expected {problem}"
+        )
+    return value
+
+
+def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
+    """Read the configuration; raises ConfigError for any bad file, key or value."""
+    env = os.environ if env is None else env
+    path = path or env.get("SIDECAR_CONFIG") or None
+    values = {sec: {} for sec in SECTIONS}
+    sources: dict[str, str] = {}
+    for s in SETTINGS:
+        values[s.section][s.key] = s.default
+        sources[f"{s.section}.{s.key}"] = "default"
+
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        for section, keys in data.items():
+            if section not in values or not isinstance(keys, dict):
+                raise ConfigError(
+                    f"[{section}] in {path} is not a known section: expected one of "
+                    + ", ".join(SECTIONS)
+                )
+            for key, value in keys.items():
+                setting = _BY_NAME.get((section, key))
+                if setting is None:
+                    known = ", ".join(s.key for s in SETTINGS if s.section == section)
+                    raise ConfigError(
+                        f"{section}.{key} in {path} is not a known key: expected one of {known}"
+                    )
+                values[section][key] = _validate(setting, value, f"file {path}")
+                sources[f"{section}.{key}"] = f"file {path}"
+
+    for s in SETTINGS:
+        if s.env and s.env in env:
+            values[s.section][s.key] = _validate(s, env[s.env], f"env {s.env}")
+            sources[f"{s.section}.{s.key}"] = f"env {s.env}"
+    return Config(values, sources, path)
+
+
+def render_toml(cfg: Config | None = None) -> str:
+    """The configuration as a commented sidecar.toml (defaults when cfg is None)."""
+    lines = []
+    for section in SECTIONS:
+        lines.append(f"[{section}]")
+        for s in SETTINGS:
+            if s.section != section:
+                continue
+            value = cfg.get(section, s.key) if cfg else s.default
+            lines.append(f"# {s.doc}" + (f" (env {s.env})" if s.env else ""))
+            lines.append(f"{s.key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
