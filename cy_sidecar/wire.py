@@ -108,7 +108,13 @@ FROM_WORKER = frozenset(
 
 
 class FrameError(ValueError):
-    """A frame that breaks the protocol. The connection that carried it must be reset."""
+    """A frame that breaks the protocol. The connection that carried it must be reset.
+
+    ``frames`` holds the valid frames that :meth:`FrameDecoder.feed` decoded from the same
+    input before the bad one, so that a receiver can still act on them (count their tokens).
+    """
+
+    frames: list[dict] = []
 
 
 def encode(frame: dict, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
@@ -146,10 +152,12 @@ def check(frame: Any, allowed: frozenset[str]) -> dict:
                 f"frame kind={kind!r} field {name!r} has type "
                 f"{type(value).__name__}, value {value!r:.60}"
             )
-    sid = frame.get("s")
+    # Range checks only where the kind defines the field: an extra "s" or "n" on another
+    # kind is ignored like any unknown field (it was compared unchecked, a TypeError).
+    sid = frame.get("s") if "s" in schema else None
     if sid is not None and not 0 < sid <= MAX_STREAM_ID:
         raise FrameError(f"frame kind={kind!r} has stream id {sid!r} out of range")
-    count = frame.get("n")
+    count = frame.get("n") if "n" in schema else None
     if count is not None and not 0 <= count <= 1 << 31:
         raise FrameError(f"frame kind={kind!r} has n={count!r} out of range")
     if kind == "err" and frame["code"] not in ERROR_CODES:
@@ -181,17 +189,23 @@ class FrameDecoder:
         while end - pos >= HEADER_SIZE:
             (length,) = HEADER.unpack_from(buf, pos)
             if length == 0 or length > self._max:
-                raise FrameError(
-                    f"frame length {length} outside 1..{self._max} bytes"
-                )
+                err = FrameError(f"frame length {length} outside 1..{self._max} bytes")
+                err.frames = frames
+                raise err
             if end - pos - HEADER_SIZE < length:
                 break
             start = pos + HEADER_SIZE
             try:
                 obj = orjson.loads(memoryview(buf)[start : start + length])
             except orjson.JSONDecodeError as exc:
-                raise FrameError(f"frame of {length} bytes is not valid JSON: {exc}") from None
-            frames.append(check(obj, self._allowed))
+                err = FrameError(f"frame of {length} bytes is not valid JSON: {exc}")
+                err.frames = frames
+                raise err from None
+            try:
+                frames.append(check(obj, self._allowed))
+            except FrameError as err:
+                err.frames = frames
+                raise
             pos = start + length
         if pos:
             del buf[:pos]
