@@ -273,12 +273,12 @@ def render_toml(cfg: Config | None = None) -> str:
                 continue
             value = cfg.get(section, s.key) if cfg else s.default
             lines.append(f"# {s.doc}" + (f" (env {s.env})" if s.env else ""))
-            lines.append(f"{s.key} = {_toml_value(value)}")
+            lines.append(f"{s.key} = {toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

@@ -33,8 +33,10 @@ Byte layout (little endian)
              32  16 bytes boot id (uuid of the sidecar run)
              48  u64 boot time, unix ms
     4096    region 0, then region 1, ... each REGION_HEADER + models + slots bytes:
-              region header, 64 bytes: u64 owner pid, u64 heartbeat (CLOCK_MONOTONIC ns),
-                                       u64 streams opened, u64 streams closed
+              region header, 256 bytes: u64 owner pid, u64 heartbeat (CLOCK_MONOTONIC ns),
+                u64 streams opened, u64 streams closed, u64 inference worker state code,
+                u64 inference worker pid, u64 worker state since (unix ms), u64 reserved,
+                64 u16 length + 190 bytes: the inference worker's models, comma-separated
               model totals, MODEL_ENTRY (128) bytes each:
                 0 u16 name length, 2..64 name (UTF-8, at most 62 bytes)
                64 u64 prompt  72 u64 generated  80 u64 delivered  88 u64 records
@@ -60,7 +62,7 @@ import uuid
 MAGIC = b"CYMETER1"
 LAYOUT_VERSION = 1
 FILE_HEADER = 4096
-REGION_HEADER = 64
+REGION_HEADER = 256
 MODEL_ENTRY = 128
 SLOT_SIZE = 512
 MODEL_NAME_MAX = 62
@@ -68,6 +70,7 @@ FIELD_MAX = 126  # model, tenant and trace id, in UTF-8 bytes
 REASON_MAX = 15
 
 FREE, OPEN, CLOSED = 0, 1, 2
+WORKER_STATES = ("connecting", "ready", "loading", "dead", "draining")
 
 # Status of a closed record. The names are the ledger's and the upload's vocabulary.
 STATUSES = (
@@ -265,6 +268,26 @@ class MeterFile:
         base = self._region_off(region) // 8
         return self._words[base + 2], self._words[base + 3]
 
+    def set_worker_info(self, region: int, state: str, pid: int, models: str) -> None:
+        """The owning proxy's view of the inference worker, for `cy-sidecar status`."""
+        base = self._region_off(region)
+        w = base // 8
+        self._words[w + 4] = WORKER_STATES.index(state) if state in WORKER_STATES else 0
+        self._words[w + 5] = pid
+        self._words[w + 6] = _now_ms()
+        self._put_str(base + 64, models, 190, 2)
+
+    def worker_info(self, region: int) -> dict:
+        base = self._region_off(region)
+        w = base // 8
+        code = self._words[w + 4]
+        return {
+            "state": WORKER_STATES[code] if code < len(WORKER_STATES) else "unknown",
+            "pid": self._words[w + 5],
+            "since_unix_ms": self._words[w + 6],
+            "models": self._get_str(base + 64, 2, 190),
+        }
+
     # -- slots -----------------------------------------------------------------------
 
     def slot_state(self, region: int, slot: int) -> int:
@@ -280,12 +303,12 @@ class MeterFile:
             struct.pack_into("<H", self._buf, off, len(raw))
             self._buf[off + 2 : off + 2 + len(raw)] = raw
 
-    def _get_str(self, off: int, width: int) -> str:
+    def _get_str(self, off: int, width: int, limit: int = FIELD_MAX) -> str:
         if width == 1:
             n = self._buf[off]
         else:
             (n,) = struct.unpack_from("<H", self._buf, off)
-        n = min(n, FIELD_MAX)
+        n = min(n, limit)
         return bytes(self._buf[off + width : off + width + n]).decode("utf-8", "replace")
 
     def open_slot(
@@ -422,6 +445,12 @@ class MeterFile:
         words = self._words
         words[model_base + _M_GEN] += generated
         words[model_base + _M_DELIV] += delivered
+
+    def add_model_record(self, model_base: int, prompt: int) -> None:
+        """A record of the model closed: count it and its prompt tokens."""
+        words = self._words
+        words[model_base + _M_PROMPT] += prompt
+        words[model_base + _M_RECORDS] += 1
 
     def model_totals(self) -> dict[str, dict[str, int]]:
         """Totals per model name, summed over all regions."""

@@ -1,0 +1,3 @@
+from cy_sidecar.cli import main
+
+main()

@@ -1,0 +1,211 @@
+"""The `cy-sidecar` command.
+
+Only this module exits the process; everything below it raises or returns. Errors are printed
+as one ``Error: ...`` line on stderr with a non-zero exit code. Heavy imports (gRPC, the
+supervisor) happen inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from cy_sidecar import config as config_mod
+from cy_sidecar import exitcodes
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="gRPC sidecar for GPU inference workers: protocol offload, token metering, "
+    "circuit breaking.",
+)
+config_app = typer.Typer(no_args_is_help=True, help="Validate and show the configuration.")
+usage_app = typer.Typer(no_args_is_help=True, help="Inspect the local usage ledger.")
+app.add_typer(config_app, name="config")
+app.add_typer(usage_app, name="usage")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="sidecar.toml (default: $SIDECAR_CONFIG)")
+
+
+def fail(message: str, code: int = exitcodes.CONFIG) -> None:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def load_config(path: Optional[str], **overrides) -> config_mod.Config:
+    try:
+        cfg = config_mod.load(path)
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        return cfg.with_overrides(**overrides) if overrides else cfg
+    except config_mod.ConfigError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def start(
+    procs: Optional[int] = typer.Option(None, "--procs", "-n", help="proxy processes"),
+    config: Optional[str] = ConfigOpt,
+) -> None:
+    """Run the sidecar in the foreground: N proxy processes and one meter process."""
+    cfg = load_config(config, procs=procs)
+    from cy_sidecar import logs
+    from cy_sidecar.supervisor.arbiter import StartupError, Supervisor
+
+    logs.setup("supervisor", cfg.log_level, cfg.log_format)
+    sup = Supervisor(cfg, config_path=cfg.path)
+    try:
+        sup.prepare()
+    except StartupError as exc:
+        fail(str(exc), exc.code)
+    raise typer.Exit(sup.run())
+
+
+@app.command()
+def demo(
+    procs: int = typer.Option(2, "--procs", "-n", help="proxy processes"),
+    prompt: str = typer.Option(
+        "Tell me about the lighthouse keeper and the storm.", "--prompt", "-p"
+    ),
+    tokens: int = typer.Option(60, "--tokens", help="tokens to generate"),
+) -> None:
+    """Run everything on loopback: demo worker, sidecar, usage sink; stream one prompt."""
+    from cy_sidecar.demo import DemoError, run_demo
+
+    try:
+        raise typer.Exit(run_demo(procs=procs, prompt=prompt, tokens=tokens))
+    except DemoError as exc:
+        fail(str(exc), exitcodes.FAILURE)
+
+
+@app.command("demo-worker")
+def demo_worker(
+    uds: str = typer.Option(..., "--uds", help="Unix socket path to listen on"),
+    models: str = typer.Option("demo", help="comma-separated model ids; * accepts any"),
+    ttft_ms: float = typer.Option(150.0, help="time to first token, ms"),
+    tokens_per_sec: float = typer.Option(40.0, help="pacing after the first token"),
+    fast: bool = typer.Option(False, help="no pacing at all (benchmarks)"),
+    stamp: bool = typer.Option(False, help="put a monotonic timestamp in every chunk"),
+    slow_start_secs: float = typer.Option(0.0, help="report 'loading' this long at start"),
+    usage_at_end_only: bool = typer.Option(False, help="report usage only in the end frame"),
+    default_tokens: int = typer.Option(48, help="tokens when max_new_tokens is 0"),
+    log_level: str = typer.Option("info", help="debug, info, warning or error"),
+) -> None:
+    """The built-in demo inference worker: readable text, realistic pacing, fault injection."""
+    from cy_sidecar.worker_sdk.demo import DemoOptions, run_demo_worker
+
+    if uds.startswith("unix://"):
+        uds = config_mod.socket_path(uds)
+    opts = DemoOptions(
+        uds=uds,
+        models=[m.strip() for m in models.split(",") if m.strip()],
+        ttft_ms=ttft_ms,
+        tokens_per_sec=tokens_per_sec,
+        fast=fast,
+        stamp=stamp,
+        slow_start_secs=slow_start_secs,
+        usage_at_end_only=usage_at_end_only,
+        default_tokens=default_tokens,
+        log_level=log_level,
+    )
+    raise typer.Exit(run_demo_worker(opts))
+
+
+@app.command("usage-sink")
+def usage_sink(
+    listen: str = typer.Option("127.0.0.1:50052", help="host:port to serve UsageService on"),
+    db: Optional[str] = typer.Option(None, help="SQLite file remembering accepted ids"),
+    fail_first: int = typer.Option(0, help="answer UNAVAILABLE to the first N calls"),
+    drop_acks: int = typer.Option(0, help="store the first N batches, then fail the call"),
+    delay_ms: int = typer.Option(0, help="delay before each answer"),
+) -> None:
+    """A reference usage receiver: deduplicates by record id, prints what it accepts."""
+    from cy_sidecar.usage_sink import run_sink
+
+    raise typer.Exit(run_sink(listen, db_path=db, fail_first=fail_first,
+                              drop_acks=drop_acks, delay_ms=delay_ms))
+
+
+def _control(config: Optional[str], cmd: str) -> dict:
+    cfg = load_config(config)
+    from cy_sidecar.supervisor.control import ControlError, request
+
+    try:
+        reply = request(cfg.control_path, cmd)
+    except ControlError as exc:
+        fail(str(exc), exitcodes.UNAVAILABLE)
+    if not reply.get("ok"):
+        fail(reply.get("error", "the sidecar refused the command"), exitcodes.FAILURE)
+    return reply
+
+
+@app.command()
+def status(
+    config: Optional[str] = ConfigOpt,
+    once: bool = typer.Option(False, "--once", help="print one frame and exit"),
+    as_json: bool = typer.Option(False, "--json", help="print the data as one JSON object"),
+    interval: float = typer.Option(1.0, help="refresh interval, seconds"),
+) -> None:
+    """Live view of a running sidecar (q or Ctrl-C quits)."""
+    cfg = load_config(config)
+    from cy_sidecar.supervisor.control import ControlError
+    from cy_sidecar.supervisor.tui import run_status
+
+    try:
+        raise typer.Exit(run_status(cfg.control_path, once=once, as_json=as_json,
+                                    interval=interval))
+    except ControlError as exc:
+        fail(str(exc), exitcodes.UNAVAILABLE)
+
+
+@app.command()
+def stop(config: Optional[str] = ConfigOpt) -> None:
+    """Drain and stop a running sidecar (like SIGTERM to the supervisor)."""
+    _control(config, "stop")
+    typer.echo("stopping: open streams may finish within server.drain_grace_secs")
+
+
+@app.command()
+def reload(config: Optional[str] = ConfigOpt) -> None:
+    """Re-read the configuration and replace the proxy processes one by one."""
+    reply = _control(config, "reload")
+    typer.echo(f"reloading: replacing {reply.get('replacing', 0)} proxy processes")
+
+
+@config_app.command("check")
+def config_check(path: Optional[str] = typer.Argument(None, help="sidecar.toml")) -> None:
+    """Validate a configuration file (and the environment overrides)."""
+    cfg = load_config(path)
+    typer.echo(f"ok: {cfg.path or 'built-in defaults'} is valid")
+
+
+@config_app.command("show")
+def config_show(
+    path: Optional[str] = typer.Argument(None, help="sidecar.toml"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Print the effective configuration and where each value came from."""
+    cfg = load_config(path)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps({"values": cfg.as_dict(), "sources": cfg.sources}, indent=2))
+        return
+    for section in config_mod.SECTIONS:
+        typer.echo(f"[{section}]")
+        for key, value in cfg.values[section].items():
+            line = f"{key} = {config_mod.toml_value(value)}"
+            typer.echo(f"{line:<48} # {cfg.sources[f'{section}.{key}']}")
+        typer.echo("")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

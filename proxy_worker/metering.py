@@ -1,0 +1,124 @@
+"""Usage records of one proxy process, kept in its region of the shared-memory meter.
+
+A :class:`UsageRecord` is opened when a stream is admitted and closed exactly once, by the
+first ending that reaches it. Its counts live in the slot and are rewritten as tokens pass
+(generated when a chunk arrives from the inference worker, delivered when it was written to
+the Gateway), so a crash of this process loses nothing: the supervisor closes the slot as
+``interrupted`` with the counts it holds. After ``close`` the slot belongs to the meter
+process until it has committed the record to SQLite.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from cy_sidecar.meter_store.slots import FREE, MeterFile
+
+
+class MeterFull(RuntimeError):
+    """Every slot of this process's region is open or awaiting commit by the meter."""
+
+
+class RegionMeter:
+    """The owning side of one region: allocates slots and keeps per-model totals."""
+
+    def __init__(self, meter: MeterFile, region: int):
+        self.meter = meter
+        self.region = region
+        self.slots = meter.geometry.slots_per_region
+        self._cursor = 0
+        self._models: dict[str, int] = {}
+        meter.claim_region(region, os.getpid())
+
+    def _model_base(self, model: str) -> int:
+        base = self._models.get(model)
+        if base is None:
+            index = self.meter.model_index(self.region, model)
+            base = self.meter.model_word_base(self.region, index)
+            self._models[model] = base
+        return base
+
+    def open(self, model: str, tenant: str, trace_id: str) -> "UsageRecord":
+        meter = self.meter
+        for step in range(self.slots):
+            slot = (self._cursor + step) % self.slots
+            if meter.slot_state(self.region, slot) == FREE:
+                self._cursor = (slot + 1) % self.slots
+                record_id = os.urandom(16)
+                wbase = meter.open_slot(
+                    self.region, slot, record_id, model, tenant, trace_id,
+                    time.time_ns() // 1_000_000,
+                )
+                return UsageRecord(self, slot, wbase, self._model_base(model), record_id)
+        raise MeterFull(
+            f"all {self.slots} usage slots of region {self.region} are in use or waiting "
+            "for the meter process to commit them"
+        )
+
+
+class UsageRecord:
+    __slots__ = (
+        "region", "slot", "wbase", "mbase", "record_id", "prompt", "generated", "delivered",
+        "status", "finish_reason", "_words", "_meter",
+    )
+
+    def __init__(self, owner: RegionMeter, slot: int, wbase: int, mbase: int, record_id):
+        self._meter = owner.meter
+        self.region = owner.region
+        self.slot = slot
+        self.wbase = wbase
+        self.mbase = mbase
+        self.record_id = record_id.hex()
+        self.prompt = 0
+        self.generated = 0
+        self.delivered = 0
+        self.status: str | None = None
+        self.finish_reason = ""
+
+    @property
+    def closed(self) -> bool:
+        return self.status is not None
+
+    def on_generated(self, tokens: int, prompt: int | None) -> None:
+        """A chunk of `tokens` arrived from the inference worker."""
+        if self.status is not None:
+            return
+        self.generated += tokens
+        if prompt:
+            self.prompt = prompt
+        self._meter.set_counts(self.wbase, self.prompt, self.generated, self.delivered)
+        self._meter.add_delivered(self.mbase, tokens, 0)
+
+    def on_delivered(self, tokens: int) -> None:
+        """`tokens` were written to the Gateway stream."""
+        if self.status is not None:
+            return
+        self.delivered += tokens
+        self._meter.set_delivered(self.wbase, self.generated, self.delivered)
+        self._meter.add_delivered(self.mbase, 0, tokens)
+
+    def apply_usage(self, usage: dict | None) -> None:
+        """The worker's own usage report (end frame): fills what the chunks did not say."""
+        if not usage or self.status is not None:
+            return
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        if isinstance(prompt, int) and prompt >= 0:
+            self.prompt = prompt
+        if isinstance(completion, int) and completion > self.generated:
+            self._meter.add_delivered(self.mbase, completion - self.generated, 0)
+            self.generated = completion
+        self._meter.set_counts(self.wbase, self.prompt, self.generated, self.delivered)
+
+    def close(self, status: str, finish_reason: str = "") -> bool:
+        """Close with `status`; only the first call counts. Returns True if it closed now."""
+        if self.status is not None:
+            return False
+        self.status = status
+        self.finish_reason = finish_reason
+        meter = self._meter
+        meter.set_counts(self.wbase, self.prompt, self.generated, self.delivered)
+        meter.add_model_record(self.mbase, self.prompt)
+        meter.close_slot(self.region, self.slot, status, finish_reason)
+        return True
