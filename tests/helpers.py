@@ -1,0 +1,55 @@
+"""Helpers for the tests: requests, clients, polling with a deadline."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from cy_sidecar.protos import cy_llm_pb2 as pb
+
+
+def request(prompt="Tell me a story.", model="demo", tokens=10, tenant="t1", trace_id="",
+            **extra) -> pb.StreamPredictRequest:
+    return pb.StreamPredictRequest(
+        model_id=model, prompt=prompt,
+        generation=pb.GenerationParameters(max_new_tokens=tokens),
+        metadata=pb.StreamMetadata(tenant=tenant, trace_id=trace_id,
+                                   extra={k: str(v) for k, v in extra.items()}),
+    )
+
+
+def wait_until(predicate, timeout=10.0, interval=0.02, what="condition"):
+    """Poll `predicate` until it returns a truthy value; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def sink_records(stack) -> list[dict]:
+    return stack.sink.json_lines("accepted")
+
+
+def new_channel(target: str) -> grpc.Channel:
+    """A channel with its own TCP connection (no subchannel sharing inside this process)."""
+    return grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def collect(call) -> dict:
+    """Read a StreamPredict call to its end: text, token count, indexes, final usage."""
+    out = {"text": "", "tokens": 0, "indexes": [], "usage": None, "system": []}
+    for msg in call:
+        out["indexes"].append(msg.index)
+        if msg.is_system:
+            out["system"].append(msg.chunk)
+        elif msg.end_of_stream:
+            out["usage"] = msg.usage
+        else:
+            out["text"] += msg.chunk
+            out["tokens"] += msg.token_count
+    return out
