@@ -164,6 +164,7 @@ class Ledger:
         self._busy_timeout_ms = busy_timeout_ms
         if not create and not os.path.exists(path):
             raise LedgerError(path, "missing", f"ledger {path}: does not exist")
+        # create=False: an existing ledger is only used, never set up (the CLI's case).
         try:
             conn = sqlite3.connect(
                 path, isolation_level=None, timeout=busy_timeout_ms / 1000
@@ -183,7 +184,15 @@ class Ledger:
                 )
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute(f"PRAGMA journal_size_limit = {int(wal_limit_bytes)}")
-            self._create_schema()
+            if create:
+                self._create_schema()
+            else:
+                (version,) = conn.execute("PRAGMA user_version").fetchone()
+                if version != SCHEMA_VERSION:
+                    raise LedgerError(
+                        path, "corrupt",
+                        f"ledger {path}: schema version {version}, expected {SCHEMA_VERSION}",
+                    )
         except LedgerError:
             conn.close()
             raise
