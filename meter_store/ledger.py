@@ -266,7 +266,7 @@ class Ledger:
             )
             db.table("boots").create(
                 {"boot_id": str, "last_seq": int, "cumulative_delivered": int,
-                 "first_unix_ms": int, "last_unix_ms": int},
+                 "first_unix_ms": int, "last_unix_ms": int, "last_pos": int},
                 pk="boot_id", if_not_exists=True,
             )
             db.table("totals").create(
@@ -325,7 +325,12 @@ class Ledger:
             ).fetchone()
             last_seq, cumulative = row if row else (0, 0)
             known = self._known_ids(conn, [r.record_id for r in ordered])
-            (pos,) = conn.execute("SELECT COALESCE(MAX(pos), 0) FROM records").fetchone()
+            # A ledger-wide commit counter: never reused, even when the newest rows were
+            # folded or pruned.
+            (pos,) = conn.execute(
+                "SELECT MAX(COALESCE((SELECT value FROM meta WHERE key = 'pos'), 0), "
+                "COALESCE((SELECT MAX(pos) FROM records), 0))"
+            ).fetchone()
             fresh: list[SlotRecord] = []
             rows: list[dict[str, Any]] = []
             skipped = 0
@@ -356,11 +361,11 @@ class Ledger:
                 self.db.table("records").insert_all(rows, batch_size=200)
                 conn.execute(
                     "INSERT INTO boots(boot_id, last_seq, cumulative_delivered, "
-                    "first_unix_ms, last_unix_ms) VALUES (?, ?, ?, ?, ?) "
+                    "first_unix_ms, last_unix_ms, last_pos) VALUES (?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT(boot_id) DO UPDATE SET last_seq = excluded.last_seq, "
                     "cumulative_delivered = excluded.cumulative_delivered, "
-                    "last_unix_ms = excluded.last_unix_ms",
-                    (boot_id, last_seq, cumulative, now_ms, now_ms),
+                    "last_unix_ms = excluded.last_unix_ms, last_pos = excluded.last_pos",
+                    (boot_id, last_seq, cumulative, now_ms, now_ms, pos),
                 )
                 conn.executemany(
                     "INSERT INTO totals(model, tenant, records, prompt_tokens, "
@@ -373,6 +378,7 @@ class Ledger:
                       r.delivered_tokens) for r in fresh],
                 )
                 self._meta_add(conn, "committed", len(rows))
+                self._meta_set(conn, "pos", pos)
         return CommitResult(fresh, skipped, last_seq, cumulative)
 
     def _known_ids(self, conn: sqlite3.Connection, ids: Sequence[str]) -> set[str]:
@@ -622,7 +628,7 @@ class Ledger:
             if boot_id is None:
                 boot = conn.execute(
                     "SELECT boot_id, last_seq, cumulative_delivered FROM boots "
-                    "ORDER BY last_unix_ms DESC, rowid DESC LIMIT 1"
+                    "ORDER BY last_pos DESC LIMIT 1"
                 ).fetchone()
             else:
                 boot = conn.execute(
