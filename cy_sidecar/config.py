@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 class ConfigError(ValueError):
@@ -95,6 +96,8 @@ SETTINGS: tuple[Setting, ...] = (
             "SIDECAR_DRAIN_GRACE_SECS", "on SIGTERM, how long open streams may still run"),
     Setting("server", "control_socket", str, "", _any, "SIDECAR_CONTROL_SOCKET",
             "socket of `cy-sidecar status/stop/reload`; empty: <state_dir>/control.sock"),
+    Setting("metering", "enabled", bool, True, _any, "SIDECAR_METERING",
+            "meter tokens; false only for benchmarks (no usage records at all)"),
     Setting("metering", "batch_interval_secs", float, 10.0, _between(0.05, 86_400),
             "SIDECAR_BATCH_INTERVAL_SECS", "how often pending usage records are uploaded"),
     Setting("metering", "offline_queue_size", int, 10_000, _between(10, 100_000_000),
@@ -189,6 +192,8 @@ def _coerce(setting: Setting, value: Any, where: str) -> Any:
     if setting.type is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
     elif setting.type is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

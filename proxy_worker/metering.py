@@ -122,3 +122,39 @@ class UsageRecord:
         meter.add_model_record(self.mbase, self.prompt)
         meter.close_slot(self.region, self.slot, status, finish_reason)
         return True
+
+
+class UnmeteredRecord:
+    """Stands in for a UsageRecord when metering is disabled (benchmarks): counts locally,
+    writes nothing to shared memory, and so produces no usage record at all."""
+
+    __slots__ = ("prompt", "generated", "delivered", "status", "finish_reason", "record_id")
+
+    def __init__(self):
+        self.prompt = self.generated = self.delivered = 0
+        self.status: str | None = None
+        self.finish_reason = ""
+        self.record_id = ""
+
+    @property
+    def closed(self) -> bool:
+        return self.status is not None
+
+    def on_generated(self, tokens: int, prompt: int | None) -> None:
+        self.generated += tokens
+        if prompt:
+            self.prompt = prompt
+
+    def on_delivered(self, tokens: int) -> None:
+        self.delivered += tokens
+
+    def apply_usage(self, usage: dict | None) -> None:
+        if usage and isinstance(usage.get("prompt_tokens"), int):
+            self.prompt = usage["prompt_tokens"]
+
+    def close(self, status: str, finish_reason: str = "") -> bool:
+        if self.status is not None:
+            return False
+        self.status = status
+        self.finish_reason = finish_reason
+        return True

@@ -38,7 +38,7 @@ from cy_sidecar.protos import cy_llm_pb2 as pb
 from cy_sidecar.protos import cy_llm_pb2_grpc as pb_grpc
 
 from . import link as wl
-from .metering import MeterFull, RegionMeter, UsageRecord
+from .metering import MeterFull, RegionMeter, UnmeteredRecord, UsageRecord
 
 log = logs.get("proxy.service")
 req_log = logs.get("proxy.request")
@@ -155,6 +155,7 @@ class ProxyService(pb_grpc.AiInferenceServicer):
         self.link = link
         self.meter = meter
         self.health = health
+        self.metering = cfg.get("metering", "enabled")
         self.max_streams = cfg.max_concurrent_streams
         self.max_prompt = cfg.max_prompt_bytes
         self.grace = cfg.reload_grace_secs
@@ -229,7 +230,10 @@ class ProxyService(pb_grpc.AiInferenceServicer):
             )
         md = req.metadata
         try:
-            rec = self.meter.open(req.model_id, md.tenant, md.trace_id)
+            rec = (
+                self.meter.open(req.model_id, md.tenant, md.trace_id)
+                if self.metering else UnmeteredRecord()
+            )
         except MeterFull as exc:
             log.error("stream refused reason=meter_full detail=%r", str(exc))
             await context.abort(
