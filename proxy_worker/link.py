@@ -115,15 +115,18 @@ class _Protocol(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        error = None
         try:
             frames = self.decoder.feed(data)
         except wire.FrameError as exc:
-            self.link.protocol_error(str(exc))
-            return
+            # Frames that arrived whole before the bad bytes are still the worker's output.
+            frames, error = exc.frames, exc
         dispatch = self.link.dispatch
         for frame in frames:
             if not dispatch(frame):
                 return
+        if error is not None:
+            self.link.protocol_error(str(error))
 
     def connection_lost(self, exc) -> None:
         if not self.closed.done():

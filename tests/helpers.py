@@ -53,3 +53,25 @@ def collect(call) -> dict:
             out["text"] += msg.chunk
             out["tokens"] += msg.token_count
     return out
+
+
+def health_status(target: str, service: str = "") -> str:
+    """grpc.health.v1 Check of `service` on a fresh connection: SERVING, NOT_SERVING, ..."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with new_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def record_for(stack, trace_id: str, timeout: float = 15.0) -> dict:
+    """The sink's accepted record of the stream with `trace_id` (waits for it)."""
+
+    def find():
+        for rec in stack.sink.json_lines("accepted"):
+            if rec.get("trace_id") == trace_id:
+                return rec
+        return None
+
+    return wait_until(find, timeout=timeout, what=f"the record of trace_id={trace_id}")
