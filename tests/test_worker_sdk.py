@@ -14,6 +14,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import time
 
 import pytest
 
@@ -147,6 +148,8 @@ class Engine:
                     raise RuntimeError("kernel launch failed")
                 if extra.get("fail") == "cuda_oom" and i == 2:
                     raise CudaOutOfMemoryError("Tried to allocate 4 GiB")
+                if extra.get("fail") == "self_cancel" and i == 2:
+                    raise asyncio.CancelledError
                 if extra.get("fail") == "bad_chunk":
                     yield Chunk("x", -1)
                 self.advanced += 1
@@ -301,7 +304,7 @@ async def test_stamp_puts_monotonic_ts_in_chunks(sock_path):
     await proxy.request(1, tokens="4")
     stamps = [c["ts"] for c in chunks_of(await proxy.recv_until("end", 1), 1)]
     assert len(stamps) == 4 and stamps == sorted(stamps)
-    assert 0 < stamps[0] <= __import__("time").monotonic_ns()
+    assert 0 < stamps[0] <= time.monotonic_ns()
     proxy.close()
     await server.close()
 
@@ -458,7 +461,8 @@ async def test_engine_errors_fail_only_their_stream(sock_path):
     cases = {1: ("worker_error", "oom", "out of memory on device 0"),
              2: ("crash", "internal", "RuntimeError: kernel launch failed"),
              3: ("cuda_oom", "oom", "Tried to allocate"),
-             4: ("bad_chunk", "internal", "invalid chunk")}
+             4: ("bad_chunk", "internal", "invalid chunk"),
+             5: ("self_cancel", "internal", "cancelled inside the engine")}
     for sid, (fail, _, _) in cases.items():
         await proxy.request(sid, tokens="5", fail=fail)
     seen = {}

@@ -586,7 +586,11 @@ class _Connection(asyncio.Protocol):
                     await asyncio.sleep(0)
         except asyncio.CancelledError:
             if st.cancel_reason is None:
-                raise  # not ours (the loop is shutting down)
+                # Not our cancel: the loop is shutting down, or the engine raised it. The
+                # stream still gets its terminal frame so the proxy does not wait forever.
+                self._finish(st)
+                self._reject(sid, "internal", "stream task was cancelled inside the engine")
+                raise
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
@@ -637,7 +641,11 @@ class _Connection(asyncio.Protocol):
     def _stream_done(self, st: _Stream) -> None:
         # A task cancelled before its first step never ran _run's handler: answer here.
         if not st.finished and st.task is not None and st.task.cancelled():
-            self._finish_cancelled(st)
+            if st.cancel_reason is None:
+                self._finish(st)
+                self._reject(st.sid, "internal", "stream task was cancelled before it ran")
+            else:
+                self._finish_cancelled(st)
 
     @staticmethod
     async def _close_iterator(iterator: Any, sid: int) -> None:
