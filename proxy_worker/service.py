@@ -501,5 +501,6 @@ class ProxyService(pb_grpc.AiInferenceServicer):
                 "open_streams": str(self.open_streams),
                 "proxy_pid": str(os.getpid()),
                 "draining": "true" if self.draining else "false",
+                "asyncio_tasks": str(len(asyncio.all_tasks())),
             },
         )

@@ -1,0 +1,151 @@
+"""The sidecar's own drain (SIGTERM) and reload (SIGHUP): nothing refused, nothing lost."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import socket
+import threading
+import time
+
+import grpc
+import psutil
+import pytest
+
+from cy_sidecar import wire
+from cy_sidecar.protos import cy_llm_pb2_grpc as pb_grpc
+
+from helpers import collect, new_channel, record_for, request, wait_until
+
+
+def worker_state(path: str) -> dict:
+    """Ask the inference worker directly (as a proxy would) for its state payload."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(5)
+    sock.connect(path)
+    sock.sendall(wire.encode({"t": "hello", "v": 1, "role": "proxy", "pid": 1}))
+    sock.sendall(wire.encode({"t": "ctl", "id": 1, "cmd": "state", "payload": {}}))
+    decoder = wire.FrameDecoder(wire.FROM_WORKER)
+    try:
+        while True:
+            for frame in decoder.feed(sock.recv(65536)):
+                if frame["t"] == "ctl_reply":
+                    return frame["payload"]
+    finally:
+        sock.close()
+
+
+def test_sighup_replaces_every_proxy_without_refusing_or_cutting_anything(running):
+    before = {c.pid for c in psutil.Process(running.sidecar.pid).children()}
+    channel = new_channel(running.target)
+    stub = pb_grpc.AiInferenceStub(channel)
+    long_calls = [stub.StreamPredict(iter([request(tokens=0, demo_tokens=60, demo_tps=30,
+                                                   trace_id=f"hup-{i}")]), timeout=30)
+                  for i in range(3)]
+    for call in long_calls:
+        next(call)
+
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def keep_calling():
+        n = 0
+        while not stop.is_set() and n < 400:
+            n += 1
+            with new_channel(running.target) as ch:
+                try:
+                    collect(pb_grpc.AiInferenceStub(ch).StreamPredict(
+                        iter([request(tokens=2)]), timeout=10))
+                except grpc.RpcError as exc:
+                    failures.append(f"{exc.code()}: {exc.details()}")
+
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        callers = [pool.submit(keep_calling) for _ in range(2)]
+        finished = [pool.submit(collect, c) for c in long_calls]
+        mark = len(running.sidecar.lines)
+        running.sidecar.signal(signal.SIGHUP)
+        running.sidecar.wait_for(r"reload finished", timeout=20, start=mark)
+        wait_until(lambda: not ({c.pid for c in psutil.Process(running.sidecar.pid)
+                                 .children()} & before), timeout=20,
+                   what="every old child to exit")
+        outs = [f.result() for f in finished]
+        stop.set()
+        for f in callers:
+            f.result()
+    channel.close()
+
+    assert failures == []
+    for out in outs:
+        assert out["usage"].status == "finished" and out["tokens"] + 1 == 60
+    after = {c.pid for c in psutil.Process(running.sidecar.pid).children()}
+    assert len(after) == 3 and not after & before
+
+
+def test_sigterm_cuts_streams_at_the_grace_deadline_and_records_their_partial_usage(stack):
+    stack.write_config(**{"server.drain_grace_secs": 1.5})
+    stack.start_sidecar(procs=2)
+    channel = new_channel(stack.target)
+    stub = pb_grpc.AiInferenceStub(channel)
+    calls = [stub.StreamPredict(iter([request(tokens=0, demo_tokens=3000, demo_tps=40,
+                                              trace_id=f"long-{i}")]), timeout=60)
+             for i in range(4)]
+    for call in calls:
+        next(call)
+    started = time.monotonic()
+    stack.sidecar.signal(signal.SIGTERM)
+
+    # New streams are refused at once while the old ones drain.
+    stack.sidecar.wait_for(r"proxy draining")
+    with new_channel(stack.target) as fresh:
+        with pytest.raises(grpc.RpcError) as err:
+            collect(pb_grpc.AiInferenceStub(fresh).StreamPredict(iter([request()]),
+                                                                 timeout=5))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    received = []
+    for call in calls:
+        tokens = 1
+        with pytest.raises(grpc.RpcError) as err:
+            for msg in call:
+                tokens += msg.token_count
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in err.value.details()
+        received.append(tokens)
+    assert 1.0 < time.monotonic() - started < 6.0
+    assert stack.sidecar.popen.wait(30) == 0
+    channel.close()
+
+    for i, tokens in enumerate(received):
+        rec = record_for(stack, f"long-{i}", timeout=30)
+        assert rec["status"] == "shutdown"
+        assert rec["delivered_tokens"] == tokens
+    assert worker_state(stack.worker_path)["open_streams"] == "0"
+
+
+def test_records_of_a_drained_sidecar_are_uploaded_after_the_next_start(stack):
+    """SIGTERM with streams cut at the deadline: every record reaches the sink once."""
+    stack.write_config(**{"server.drain_grace_secs": 0.5,
+                          "metering.batch_interval_secs": 60.0})
+    stack.start_sidecar(procs=1)
+    with new_channel(stack.target) as channel:
+        stub = pb_grpc.AiInferenceStub(channel)
+        for i in range(5):
+            collect(stub.StreamPredict(iter([request(tokens=3, trace_id=f"buf-{i}")]),
+                                       timeout=10))
+        open_call = stub.StreamPredict(iter([request(tokens=0, demo_tokens=3000, demo_tps=40,
+                                                     trace_id="buf-open")]), timeout=30)
+        next(open_call)
+        stack.sidecar.signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError):
+            for _ in open_call:
+                pass
+    assert stack.sidecar.popen.wait(30) == 0
+
+    stack.write_config(**{"metering.batch_interval_secs": 0.2})
+    stack.start_sidecar(procs=1)
+    recs = [record_for(stack, f"buf-{i}") for i in range(5)]
+    assert all(r["status"] == "finished" and r["delivered_tokens"] == 3 for r in recs)
+    open_rec = record_for(stack, "buf-open")
+    assert open_rec["status"] == "shutdown" and open_rec["delivered_tokens"] >= 1
+    ids = [r["record_id"] for r in stack.sink.json_lines("accepted")]
+    assert len(ids) == len(set(ids))
