@@ -50,8 +50,10 @@ STATUS_FILE = "meter-status.json"
 COMMIT_INTERVAL_SECS = 0.02
 TICK_SECS = 1.0
 LEDGER_RETRY_SECS = 1.0
-# While the ledger stays unwritable, repeat the error line this often (not every retry).
+# While the ledger stays unwritable, repeat the error line this often (not every retry),
+# or sooner when the number of records waiting in shared memory changed.
 ERROR_REPEAT_SECS = 60.0
+ERROR_CHANGE_SECS = 2.0
 FINAL_UPLOAD_SECS = 3.0
 PRUNE_INTERVAL_SECS = 3600.0
 FORCE_FLUSH_SECS = 30.0
@@ -189,6 +191,7 @@ class _Meter:
         self.ledger: Ledger | None = None
         self.ledger_error: str | None = None
         self._error_logged_at = 0.0
+        self._error_logged_waiting = -1
         self._retry_at = 0.0
         self._next_prune = 0.0
         self._pending_estimate = 0
@@ -216,8 +219,11 @@ class _Meter:
         first = self.ledger_error is None
         self.ledger_error = str(exc)
         self._retry_at = now + LEDGER_RETRY_SECS
-        if first or now - self._error_logged_at >= ERROR_REPEAT_SECS:
+        since = now - self._error_logged_at
+        changed = waiting != self._error_logged_waiting and since >= ERROR_CHANGE_SECS
+        if first or changed or since >= ERROR_REPEAT_SECS:
             self._error_logged_at = now
+            self._error_logged_waiting = waiting
             log.error(
                 "ledger_unwritable records_in_shared_memory=%s retry_every=%ss cause=%s "
                 "error=%s (the records stay in their slots; nothing is lost)",
