@@ -565,13 +565,15 @@ class _Connection(asyncio.Protocol):
                     raise asyncio.CancelledError  # the engine swallowed our cancel
                 text, tokens = chunk
                 if type(tokens) is not int or tokens < 0 or type(text) is not str:
-                    raise WorkerError("internal", f"engine yielded an invalid chunk "
-                                      f"(text {type(text).__name__}, tokens {tokens!r:.20})")
+                    raise WorkerError("internal", "engine yielded an invalid chunk (text "
+                                      f"{type(text).__name__}, tokens {type(tokens).__name__} "
+                                      f"{tokens!r:.20}; want str and int >= 0)")
                 frame = {"t": "chunk", "s": sid, "text": text, "n": tokens}
                 if first:
                     first = False
-                    if req.prompt_tokens is not None:
-                        frame["p"] = req.prompt_tokens
+                    prompt = req.prompt_tokens
+                    if type(prompt) is int and prompt >= 0:
+                        frame["p"] = prompt
                 if stamp:
                     frame["ts"] = time.monotonic_ns()
                 try:
