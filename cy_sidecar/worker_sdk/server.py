@@ -38,9 +38,9 @@ log line, then the connection is closed), every stream of that connection is can
 its engine iterator closed; no frame can reach that proxy any more, so output and usage not
 yet sent are lost. A ``cancel`` from the proxy closes the iterator and answers with ``end``
 reason "cancelled" carrying the usage so far. ``close()`` fails the streams still open after
-the grace period with ``err`` code "cancelled" and the usage counted so far is in the chunks
-already sent. An exception from the engine fails only its own stream (``err`` internal, or
-oom for an exception class named ``*OutOfMemory*``).
+the grace period with ``err`` code "cancelled"; their usage is what their chunks already
+carried (``n`` and ``p``). An exception from the engine fails only its own stream (``err``
+internal, or oom for an exception class named ``*OutOfMemory*``).
 
 Flow control: a stream's iterator is advanced only while the stream has credit (one credit
 per chunk frame); at zero credit the stream task waits on a future that the next ``credit``
