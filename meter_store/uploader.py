@@ -31,7 +31,6 @@ from cy_sidecar.protos import usage_pb2, usage_pb2_grpc
 log = logs.get("uploader")
 
 CALL_TIMEOUT_SECS = 10.0
-CONNECT_TIMEOUT_SECS = 1.0
 BACKOFF_INITIAL_SECS = 0.5
 BACKOFF_MAX_SECS = 30.0
 MAX_MESSAGE_BYTES = 64 << 20
@@ -40,19 +39,19 @@ _CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     # Our own backoff paces the calls; keep the channel's reconnects prompt so that a
-    # target that came back is seen at the next attempt.
+    # target that came back is seen at the next attempt (a call made while the channel
+    # waits to reconnect fails at once with "failed to connect", and is not ambiguous).
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
 
-# Texts of an UNAVAILABLE status that gRPC's client raises itself when no connection exists.
+# Texts of an UNAVAILABLE status that gRPC's client library raises itself when it has no
+# connection to send on (the request never left this host).
 _NOT_CONNECTED = (
-    "failed to connect",
-    "connection refused",
+    "failed to connect to all addresses",
     "connections to all backends failing",
     "dns resolution failed",
-    "name resolution",
 )
 
 _PROTO_FIELDS = (
@@ -140,7 +139,6 @@ class Uploader:
         sidecar_id: str = "",
         batch_size: int = 500,
         call_timeout: float = CALL_TIMEOUT_SECS,
-        connect_timeout: float = CONNECT_TIMEOUT_SECS,
     ):
         if not target:
             raise ValueError("an upload target (host:port) is required")
@@ -149,7 +147,6 @@ class Uploader:
         self.sidecar_id = sidecar_id or socket.gethostname()
         self.batch_size = batch_size
         self.call_timeout = call_timeout
-        self.connect_timeout = connect_timeout
         self._channel: grpc.Channel | None = None
         self._stub: usage_pb2_grpc.UsageServiceStub | None = None
         self._abort_at: float | None = None
@@ -176,22 +173,6 @@ class Uploader:
         limits = [d for d in (deadline, self._abort_at) if d is not None]
         return min(limits) if limits else None
 
-    def _connect(self, deadline: float | None) -> bool:
-        stub_channel = self._channel
-        assert stub_channel is not None
-        timeout = self.connect_timeout
-        limit = self._limit(deadline)
-        if limit is not None:
-            timeout = max(0.0, min(timeout, limit - time.monotonic()))
-        ready = grpc.channel_ready_future(stub_channel)
-        try:
-            ready.result(timeout=timeout)
-            return True
-        except grpc.FutureTimeoutError:
-            return False
-        finally:
-            ready.cancel()
-
     # -- uploading -----------------------------------------------------------------------
 
     def upload_batch(self, deadline: float | None = None) -> UploadResult:
@@ -202,10 +183,6 @@ class Uploader:
         if not self.ledger.pending_batch(1):
             return UploadResult()
         stub = self._ensure_stub()
-        if not self._connect(deadline):
-            return UploadResult(
-                ok=False, connected=False, error=f"cannot connect to {self.target}"
-            )
         rows = self.ledger.claim_batch(self.batch_size)
         if not rows:
             return UploadResult()
@@ -231,6 +208,8 @@ class Uploader:
             result.error = f"{name}: {err.details() if hasattr(err, 'details') else err}"
             if never_sent(err):
                 result.connected = False
+                result.calls = result.sent = 0
+                result.error = f"cannot connect to {self.target}: {result.error}"
                 self.ledger.release_claim(rows)
             return result
         sent_ids = {r["record_id"] for r in rows}

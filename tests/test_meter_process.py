@@ -6,6 +6,8 @@ writes them; the meter commits them to its SQLite ledger and uploads them to the
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -18,8 +20,11 @@ import uuid
 
 import pytest
 
+from cy_sidecar import config
 from cy_sidecar.localrun import Proc, free_port
 from cy_sidecar.meter_store.ledger import Ledger
+from cy_sidecar.meter_store.process import export_records, force_flush, ledger_report
+from cy_sidecar.meter_store.uploader import Backoff, Uploader
 from cy_sidecar.meter_store.slots import CLOSED, FREE, Geometry, MeterFile
 
 from helpers import wait_until
@@ -240,6 +245,8 @@ def test_records_reach_the_sink_exactly_once_and_the_metrics_say_so(make_env):
 
     meter.signal(signal.SIGTERM)
     assert meter.popen.wait(15) == 0
+    meter.stop(5)
+    assert "Traceback" not in meter.text()
 
 
 def test_the_sink_down_for_a_while_then_up_gets_every_record_once(make_env):
@@ -320,7 +327,8 @@ def test_sigterm_commits_the_last_records_uploads_them_and_exits_0(make_env):
     lines = wait_accepted(sink, 12, timeout=10)
     assert_exactly_once(lines, env.writer.written)
     assert all(r["acked_unix_ms"] for r in env.ledger_rows())
-    assert "meter_stopped" in meter.text()
+    meter.stop(5)
+    assert "meter_stopped" in meter.text() and "Traceback" not in meter.text()
 
 
 def test_the_queue_bound_with_the_sink_down_rolls_up_exact_sums(make_env):
@@ -414,3 +422,76 @@ def test_a_missing_meter_file_is_exit_code_cant_create(make_env):
     assert meter.popen.wait(20) == 73
     meter.stop(5)
     assert "meter_file_unusable" in meter.text()
+
+
+def test_report_export_and_force_flush_for_the_cli(make_env):
+    env = make_env(upload_target="")
+    env.start_meter()
+    env.writer.write(15, models=("llama", "mistral"))
+    env.wait_status(lambda st: st["committed_total"] == 15)
+
+    report = ledger_report(env.state)
+    assert report["pending"] == 15 and report["last_seq"] == 15
+    assert report["last_upload_ok_unix"] is None
+    by_model: dict[str, int] = {}
+    for rec in env.writer.written.values():
+        by_model[rec["model"]] = by_model.get(rec["model"], 0) + rec["delivered_tokens"]
+    assert {t["model"]: t["delivered_tokens"] for t in report["totals"]} == by_model
+
+    out = io.StringIO()
+    assert export_records(env.state, "jsonl", out) == 15
+    exported = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert {e["record_id"] for e in exported} == set(env.writer.written)
+    out = io.StringIO()
+    assert export_records(env.state, "csv", out) == 15
+    table = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert sorted(int(r["seq"]) for r in table) == list(range(1, 16))
+
+    cfg = config.load(env.config).with_overrides(upload_target=f"127.0.0.1:{env.sink_port}")
+    down = force_flush(cfg)
+    assert not down["ok"] and not down["connected"] and down["pending_after"] == 15
+
+    sink = env.start_sink()
+    result = force_flush(cfg)
+    assert result["ok"] and result["acked"] == 15 and result["pending_after"] == 0
+    assert_exactly_once(wait_accepted(sink, 15), env.writer.written)
+    assert ledger_report(env.state)["last_upload_ok_unix"] is not None
+
+
+def test_only_a_failure_to_connect_leaves_rows_unambiguous(make_env, tmp_path):
+    env = make_env(upload_target="")
+    led = Ledger(str(tmp_path / "own-ledger.db"))
+    try:
+        from cy_sidecar.meter_store.slots import SlotRecord
+
+        recs = [SlotRecord(0, i, CLOSED, "finished", uuid.uuid4().hex, 1, 1, 2, 2, 1, 2,
+                           "stop", "llama", "t1", "") for i in range(4)]
+        led.commit(recs, "boot-x")
+        up = Uploader(f"127.0.0.1:{env.sink_port}", led, batch_size=10)
+        res = up.upload_batch()
+        assert not res.ok and not res.connected
+        assert led.stats().pending_ambiguous == 0
+
+        sink = env.start_sink("--fail-first", "1")
+        # The channel reconnects after its own backoff; until then calls fail to connect.
+        res = wait_until(lambda: (r := up.upload_batch()).connected and r, timeout=15,
+                         interval=0.05, what="a call that reaches the sink")
+        assert not res.ok  # the sink answered UNAVAILABLE: it may have stored them
+        assert led.stats().pending_ambiguous == 4
+        wait_until(lambda: len(sink.json_lines("rejected")) == 1, what="the rejected call")
+        res = up.upload_batch()
+        assert res.ok and res.acked == 4 and led.stats().pending == 0
+        assert len(wait_accepted(sink, 4)) == 4
+        up.close()
+    finally:
+        led.close()
+
+
+def test_backoff_doubles_from_half_a_second_to_thirty_with_jitter():
+    fixed = Backoff(jitter=0.0)
+    assert [fixed.failure() for _ in range(9)] == [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
+    fixed.reset()
+    assert fixed.failure() == 0.5
+    low, high = Backoff(rng=lambda: 0.0), Backoff(rng=lambda: 1.0)
+    assert low.failure() == pytest.approx(0.4) and high.failure() == pytest.approx(0.6)
+    assert all(0.4 <= Backoff().failure() <= 0.6 for _ in range(50))
