@@ -91,6 +91,7 @@ class _UploadThread(threading.Thread):
         self._wake = threading.Event()
         self._final_at: float | None = None
         self._uploader: Any = None
+        self._error_logged_at = 0.0
 
     def finish(self, deadline: float) -> None:
         """Ask for one last pass that ends by `deadline` (monotonic); then the thread ends."""
@@ -120,6 +121,16 @@ class _UploadThread(threading.Thread):
             if ledger is not None:
                 ledger.close()
 
+    def _failed(self, error: str) -> None:
+        now = time.monotonic()
+        with self.state.lock:
+            repeat = error == self.state.last_upload_error
+            self.state.last_upload_error = error
+            self.state.last_upload_error_unix = time.time()
+        if not repeat or now - self._error_logged_at >= ERROR_REPEAT_SECS:
+            self._error_logged_at = now
+            log.error("upload_ledger_error error=%s retry_in=%ss", error, LEDGER_RETRY_SECS)
+
     def _pass(
         self, ledger: Ledger | None, backoff: Any, deadline: float | None
     ) -> tuple[Ledger | None, float]:
@@ -141,11 +152,12 @@ class _UploadThread(threading.Thread):
                 deadline, stop=lambda: not final and self._final_at is not None
             )
         except LedgerError as exc:
-            with self.state.lock:
-                self.state.last_upload_error = str(exc)
-                self.state.last_upload_error_unix = time.time()
-            log.error("upload_ledger_error error=%s retry_in=%ss", exc, LEDGER_RETRY_SECS)
+            self._failed(str(exc))
             return ledger, LEDGER_RETRY_SECS
+        except Exception as exc:  # keep uploading: this thread must not die on a surprise
+            log.exception("upload_pass_crashed target=%s", self.cfg.upload_target)
+            self._failed(f"{type(exc).__name__}: {exc}")
+            return ledger, backoff.failure()
         if result.ok_calls:
             metrics.UPLOADS.labels(result="ok").inc(result.ok_calls)
         with self.state.lock:

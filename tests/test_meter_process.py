@@ -25,7 +25,7 @@ from cy_sidecar.localrun import Proc, free_port
 from cy_sidecar.meter_store.ledger import Ledger
 from cy_sidecar.meter_store.process import export_records, force_flush, ledger_report
 from cy_sidecar.meter_store.uploader import Backoff, Uploader
-from cy_sidecar.meter_store.slots import CLOSED, FREE, Geometry, MeterFile
+from cy_sidecar.meter_store.slots import CLOSED, FREE, Geometry, MeterFile, SlotRecord
 
 from helpers import wait_until
 
@@ -462,8 +462,6 @@ def test_only_a_failure_to_connect_leaves_rows_unambiguous(make_env, tmp_path):
     env = make_env(upload_target="")
     led = Ledger(str(tmp_path / "own-ledger.db"))
     try:
-        from cy_sidecar.meter_store.slots import SlotRecord
-
         recs = [SlotRecord(0, i, CLOSED, "finished", uuid.uuid4().hex, 1, 1, 2, 2, 1, 2,
                            "stop", "llama", "t1", "") for i in range(4)]
         led.commit(recs, "boot-x")
