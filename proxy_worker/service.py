@@ -343,10 +343,13 @@ class ProxyService(pb_grpc.AiInferenceServicer):
                             else:
                                 gaps += 1
                             last_token_at = time.monotonic()
-                            await context.write(msg)
-                            index += 1
+                            # Counted when handed to the Gateway connection: a cancel that
+                            # lands while this write is in flight must not lose the chunk
+                            # the caller may already have read.
                             rec.on_delivered(n)
                             tokens_metric.inc(n)
+                            index += 1
+                            await context.write(msg)
                             stream.consumed()
                             continue
                         if kind == "end":

@@ -65,6 +65,8 @@ def test_worker_killed_mid_stream_then_missing_then_stale_then_back(running):
     running.start_worker("--tokens-per-sec", "400", "--ttft-ms", "5")
     wait_until(lambda: health_status(running.target) == "SERVING", timeout=10,
                what="SERVING after the worker returned")
+    # Each proxy reconnects on its own when it sees the new socket: within the backoff.
+    wait_until(lambda: _try_stream(stub), timeout=3, what="a stream on the old connection")
     for i in range(4):
         out = collect(stub.StreamPredict(iter([request(tokens=7)]), timeout=10))
         assert out["tokens"] == 7
