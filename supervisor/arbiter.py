@@ -67,6 +67,7 @@ class Child:
     ready: bool = False
     retiring: bool = False  # replaced by a reload; do not restart when it exits
     stopping_sent: bool = False
+    unresponsive: bool = False  # the supervisor SIGKILLed it for a stale heartbeat
 
 
 def _split_addr(addr: str) -> tuple[str, int]:
@@ -141,12 +142,14 @@ class Supervisor:
         self.stop_deadline = 0.0
         self.exit_code = exitcodes.OK
         self.ready_sent = False
+        self.reload_ready_due = False  # RELOADING=1 was sent; READY=1 once it is done
         self.reload_queue: list[int] = []
         self.reload_current: tuple[int, int] | None = None  # (index, old pid)
         self.events: list[tuple[float, str, str]] = []  # recent warnings for status
         self.started = time.time()
         self.notifier = Notifier()
         self.last_watchdog = 0.0
+        self.watchdog_withheld = ""  # why WATCHDOG=1 is not being sent, while it is not
         self.meter: slots.MeterFile | None = None
         self.old_meter_files: list[str] = []
         self.sel = selectors.DefaultSelector()
@@ -425,6 +428,10 @@ class Supervisor:
         what = exitcodes.describe(code)
         if expected:
             log.info("%s exited index=%s pid=%s %s", child.role, child.index, child.pid, what)
+        elif code == -signal.SIGKILL and child.unresponsive:
+            log.error("%s killed index=%s pid=%s signal=SIGKILL (by the supervisor: no "
+                      "heartbeat) interrupted_records=%s next=restart", child.role,
+                      child.index, child.pid, interrupted)
         elif code == -signal.SIGKILL:
             self._event("error", f"{child.role} pid={child.pid} killed by SIGKILL")
             log.error(
@@ -506,6 +513,7 @@ class Supervisor:
             self._event("error", f"reload refused: {exc}")
             return {"ok": False, "error": str(exc)}
         self.notifier.reloading()
+        self.reload_ready_due = True
         log.info("reload starting reason=%s procs=%s", why, self.procs)
         self.cfg = cfg
         meter = [c for c in self.children.values() if c.role == "meter"]
@@ -583,21 +591,31 @@ class Supervisor:
                 )
                 self._kill(child, signal.SIGKILL)
                 child.ready = False
+                child.unresponsive = True
 
     def healthy_children(self) -> bool:
         """True while every proxy heartbeats and the meter updates its status file."""
+        return self.unhealthy_reason() is None
+
+    def unhealthy_reason(self) -> str | None:
+        """Why the watchdog is withheld now, or None when every child is healthy."""
         if self.meter is None:
-            return False
+            return "no meter file"
         mono_ns = time.monotonic_ns()
         proxies = [c for c in self.children.values() if c.role == "proxy" and not c.retiring]
         if len(proxies) < self.procs:
-            return False
+            return f"{len(proxies)}/{self.procs} proxies running"
         for child in proxies:
             pid, beat = self.meter.region_owner(child.region)
-            if not child.ready or pid != child.pid or (mono_ns - beat) / 1e9 > 3.0:
-                return False
+            if not child.ready or pid != child.pid:
+                return f"proxy index={child.index} pid={child.pid} not ready"
+            if (mono_ns - beat) / 1e9 > 3.0:
+                return (f"proxy index={child.index} pid={child.pid} silent "
+                        f"{(mono_ns - beat) / 1e9:.1f}s")
         status = self.meter_status()
-        return time.time() - status.get("updated_unix", 0) < 5.0
+        if time.time() - status.get("updated_unix", 0) >= 5.0:
+            return "meter status file not updated for 5s"
+        return None
 
     def status_line(self) -> str:
         ready = sum(1 for c in self.children.values()
@@ -625,12 +643,23 @@ class Supervisor:
             return
         if not self.ready_sent:
             return
+        if (self.reload_ready_due and all_ready and not self.reload_queue
+                and self.reload_current is None and self._meter_ready()):
+            # systemd keeps the unit "reloading" until READY=1 comes again.
+            self.reload_ready_due = False
+            self.notifier.reloaded(self.status_line())
+            log.info("sidecar ready again after reload procs=%s", self.procs)
         if self.notifier.watchdog_interval and now - self.last_watchdog >= (
             self.notifier.watchdog_interval
         ):
-            if self.healthy_children():
+            reason = self.unhealthy_reason()
+            if reason is None:
                 self.notifier.watchdog()
                 self.last_watchdog = now
+                self.watchdog_withheld = ""
+            elif not self.watchdog_withheld:
+                self.watchdog_withheld = reason
+                log.warning("watchdog withheld reason=%r", reason)
         if int(now * 10) % 10 == 0:
             self.notifier.status(self.status_line())
 
