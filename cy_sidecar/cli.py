@@ -200,6 +200,102 @@ def config_show(
         typer.echo("")
 
 
+def _ledger_call(func, *args):
+    from cy_sidecar.meter_store.ledger import LedgerError
+
+    try:
+        return func(*args)
+    except LedgerError as exc:
+        fail(str(exc), exitcodes.CANT_CREATE)
+
+
+@usage_app.command("totals")
+def usage_totals(
+    config: Optional[str] = ConfigOpt,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Token totals by model and tenant, and the state of the upload queue."""
+    cfg = load_config(config)
+    from cy_sidecar.meter_store.process import ledger_report
+
+    report = _ledger_call(ledger_report, cfg.state_dir)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(report, indent=2, sort_keys=True))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"usage in {report['ledger']}")
+    for col in ("model", "tenant", "records", "prompt", "generated", "delivered"):
+        table.add_column(col, justify="left" if col in ("model", "tenant") else "right")
+    for row in report["totals"]:
+        table.add_row(row["model"], row["tenant"] or "-", str(row["records"]),
+                      str(row["prompt_tokens"]), str(row["generated_tokens"]),
+                      str(row["delivered_tokens"]))
+    console = Console()
+    console.print(table)
+    _print_queue(report)
+
+
+def _print_queue(report: dict) -> None:
+    import time
+
+    age = report.get("oldest_pending_age_s")
+    last = report.get("last_upload_ok_unix")
+    typer.echo(
+        f"pending {report['pending']} (oldest {age:.0f} s)" if age is not None
+        else f"pending {report['pending']}"
+    )
+    typer.echo(f"last successful upload: {time.ctime(last) if last else 'never'}")
+    if report.get("last_upload_error"):
+        typer.echo(f"last upload error: {report['last_upload_error']}")
+
+
+@usage_app.command("pending")
+def usage_pending(config: Optional[str] = ConfigOpt) -> None:
+    """How many records wait for the Gateway's acknowledgement, and since when."""
+    cfg = load_config(config)
+    from cy_sidecar.meter_store.process import ledger_report
+
+    _print_queue(_ledger_call(ledger_report, cfg.state_dir))
+
+
+@usage_app.command("export")
+def usage_export(
+    config: Optional[str] = ConfigOpt,
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl or csv"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="file (default: stdout)"),
+) -> None:
+    """Every ledger row (records and rollups) as JSON lines or CSV."""
+    cfg = load_config(config)
+    if fmt not in ("jsonl", "csv"):
+        fail(f"--format {fmt!r} is not allowed: expected jsonl or csv")
+    from cy_sidecar.meter_store.process import export_records
+
+    if out:
+        with open(out, "w", encoding="utf-8", newline="") as fh:
+            count = _ledger_call(export_records, cfg.state_dir, fmt, fh)
+        typer.echo(f"wrote {count} rows to {out}", err=True)
+    else:
+        _ledger_call(export_records, cfg.state_dir, fmt, sys.stdout)
+
+
+@usage_app.command("flush")
+def usage_flush(config: Optional[str] = ConfigOpt) -> None:
+    """Upload pending records now instead of at the next batch interval."""
+    cfg = load_config(config)
+    from cy_sidecar.meter_store.process import force_flush
+
+    result = _ledger_call(force_flush, cfg)
+    import json
+
+    typer.echo(json.dumps(result, indent=2, sort_keys=True))
+    if not result.get("ok"):
+        raise typer.Exit(exitcodes.FAILURE)
+
+
 def main() -> None:
     try:
         app()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import grpc
+
+from cy_sidecar import wire
 
 from cy_sidecar.protos import cy_llm_pb2 as pb
 
@@ -75,3 +78,20 @@ def record_for(stack, trace_id: str, timeout: float = 15.0) -> dict:
         return None
 
     return wait_until(find, timeout=timeout, what=f"the record of trace_id={trace_id}")
+
+
+def worker_state(path: str) -> dict:
+    """Ask the inference worker directly (as a proxy would) for its state payload."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(5)
+    sock.connect(path)
+    sock.sendall(wire.encode({"t": "hello", "v": 1, "role": "proxy", "pid": 1}))
+    sock.sendall(wire.encode({"t": "ctl", "id": 1, "cmd": "state", "payload": {}}))
+    decoder = wire.FrameDecoder(wire.FROM_WORKER)
+    try:
+        while True:
+            for frame in decoder.feed(sock.recv(65536)):
+                if frame["t"] == "ctl_reply":
+                    return frame["payload"]
+    finally:
+        sock.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import signal
-import socket
 import threading
 import time
 
@@ -12,27 +11,9 @@ import grpc
 import psutil
 import pytest
 
-from cy_sidecar import wire
 from cy_sidecar.protos import cy_llm_pb2_grpc as pb_grpc
 
-from helpers import collect, new_channel, record_for, request, wait_until
-
-
-def worker_state(path: str) -> dict:
-    """Ask the inference worker directly (as a proxy would) for its state payload."""
-    sock = socket.socket(socket.AF_UNIX)
-    sock.settimeout(5)
-    sock.connect(path)
-    sock.sendall(wire.encode({"t": "hello", "v": 1, "role": "proxy", "pid": 1}))
-    sock.sendall(wire.encode({"t": "ctl", "id": 1, "cmd": "state", "payload": {}}))
-    decoder = wire.FrameDecoder(wire.FROM_WORKER)
-    try:
-        while True:
-            for frame in decoder.feed(sock.recv(65536)):
-                if frame["t"] == "ctl_reply":
-                    return frame["payload"]
-    finally:
-        sock.close()
+from helpers import collect, new_channel, record_for, request, wait_until, worker_state
 
 
 def test_sighup_replaces_every_proxy_without_refusing_or_cutting_anything(running):

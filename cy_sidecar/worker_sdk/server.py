@@ -484,6 +484,7 @@ class _Connection(asyncio.Protocol):
                           frame.get("adapter") or "", frame.get("priority") or 0, self)
         st = _Stream(sid, request, credit)
         self.streams[sid] = st
+        server.streams_started += 1
         st.task = self._loop.create_task(self._run(st))
         st.task.add_done_callback(lambda _t, st=st: self._stream_done(st))
 
@@ -545,7 +546,8 @@ class _Connection(asyncio.Protocol):
         req = st.request
         sid = st.sid
         send = self.send
-        stamp = self._server.stamp
+        server = self._server
+        stamp = server.stamp
         iterator: AsyncIterator[Chunk] | None = None
         first = True
         since_yield = 0
@@ -582,6 +584,7 @@ class _Connection(asyncio.Protocol):
                     raise WorkerError("internal", f"chunk does not fit in a frame: {exc}")
                 st.credit -= 1
                 st.tokens += tokens
+                server.tokens_sent += tokens
                 since_yield += 1
                 if since_yield >= _YIELD_EVERY:
                     since_yield = 0
@@ -698,6 +701,8 @@ class WorkerServer:
         self._msg = ""
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
+        self.tokens_sent = 0  # tokens in every chunk frame written since start
+        self.streams_started = 0
         self._inode: tuple[int, int] | None = None
         self._closed = asyncio.Event()
         self._closing = False
@@ -740,6 +745,8 @@ class WorkerServer:
             "models": ",".join(self.models),
             "open_streams": sum(len(c.streams) for c in self._connections),
             "connections": len(self._connections),
+            "tokens_sent": self.tokens_sent,
+            "streams_started": self.streams_started,
         }
 
     # -- lifecycle -----------------------------------------------------------------------------
