@@ -127,6 +127,20 @@ def usage_sink(
                               drop_acks=drop_acks, delay_ms=delay_ms))
 
 
+@app.command()
+def bench(
+    quick: bool = typer.Option(False, "--quick", help="short phases (about a minute in all)"),
+    repeat: int = typer.Option(1, "--repeat", min=1, max=20, help="runs; medians reported"),
+    json_path: Optional[str] = typer.Option(None, "--json", help="also write results here"),
+    profile: bool = typer.Option(False, "--profile", help="py-spy a proxy under load"),
+) -> None:
+    """Measure the sidecar against a direct gRPC server and nginx, all on loopback."""
+    from cy_sidecar.bench import main as bench_main
+
+    raise typer.Exit(bench_main(quick=quick, repeat=repeat, json_path=json_path,
+                                profile=profile))
+
+
 def _control(config: Optional[str], cmd: str) -> dict:
     cfg = load_config(config)
     from cy_sidecar.supervisor.control import ControlError, request
