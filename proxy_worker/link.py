@@ -220,18 +220,36 @@ class WorkerLink:
 
     async def _run(self) -> None:
         attempt = 0
-        while not self._closing:
-            connected = await self._connect_once()
-            if connected:
-                attempt = 0
-                await self._serve_connection()
-                continue
-            attempt += 1
-            if attempt <= self.max_attempts:
-                delay = self.reconnect_delay * (2 ** (attempt - 1))
-            else:
-                delay = SLOW_PROBE_SECS
-            await self._wait_for_socket(delay)
+        try:
+            while not self._closing:
+                try:
+                    connected = await self._connect_once()
+                    if connected:
+                        attempt = 0
+                        await self._serve_connection()
+                        continue
+                except Exception:  # noqa: BLE001 - a bug here must not silence the link
+                    log.exception("worker link failed uds=%s next=reconnect", self.path)
+                    self._fail_streams("the sidecar's worker link failed", oom=False)
+                attempt += 1
+                if attempt <= self.max_attempts:
+                    delay = self.reconnect_delay * (2 ** (attempt - 1))
+                else:
+                    delay = SLOW_PROBE_SECS
+                await self._wait_for_socket(delay)
+        finally:
+            # Cancelled (shutdown, or anything else): no open stream may wait for frames
+            # that will never come.
+            proto, self._proto = self._proto, None
+            if proto is not None and proto.transport is not None:
+                proto.transport.abort()
+            self._fail_streams("the sidecar's worker link stopped", oom=False)
+
+    def _fail_streams(self, reason: str, oom: bool) -> None:
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.ended = True
+            stream.push(Lost(reason, oom))
 
     def _socket_identity(self):
         try:
@@ -336,10 +354,7 @@ class WorkerLink:
                 self._on_connect_error()
         self._proto = None
         self._set_state(DEAD)
-        streams, self.streams = self.streams, {}
-        for stream in streams.values():
-            stream.ended = True
-            stream.push(Lost(reason, oom))
+        self._fail_streams(reason, oom)
         for waiter in self._ctl_waiters.values():
             if not waiter.done():
                 waiter.set_exception(ConnectionError(reason))

@@ -27,15 +27,17 @@ HEARTBEAT_SECS = 0.5
 
 
 def _server_options(cfg) -> list[tuple[str, int]]:
-    # Keepalive, stated explicitly (see the README's keepalive section): the server pings an
-    # idle connection every 20 s and drops it when a ping goes unanswered for 10 s, which
-    # catches a Gateway that vanished without FIN or RST. It accepts client pings as often as
-    # every 5 s, with or without calls in flight, so a Gateway pinging every 10 s is never
-    # sent GOAWAY "too_many_pings". No idle or age limit closes a healthy connection.
+    # Keepalive, stated explicitly (see the README's keepalive section): the server pings a
+    # connection every keepalive_time_secs and drops it when a ping goes unanswered for
+    # keepalive_timeout_secs, which catches a Gateway that vanished without FIN or RST. It
+    # bears client pings at any rate, with or without calls in flight (no ping strikes), so
+    # a Gateway pinging every 10 s is never sent GOAWAY "too_many_pings". No idle or age
+    # limit closes a healthy connection.
     return [
         ("grpc.so_reuseport", 1),
-        ("grpc.keepalive_time_ms", 20_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_time_ms", int(cfg.keepalive_time_secs * 1000)),
+        ("grpc.keepalive_timeout_ms", int(cfg.keepalive_timeout_secs * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(cfg.keepalive_timeout_secs * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
