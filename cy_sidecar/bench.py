@@ -60,6 +60,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import uuid
 from typing import Any, Callable, TextIO
@@ -690,6 +691,8 @@ def nginx_version(binary: str) -> str:
 
 def nginx_conf(root: str, port: int, upstream_port: int, workers: int) -> str:
     """An nginx.conf for grpc_pass from 127.0.0.1:port to 127.0.0.1:upstream_port."""
+    # reuseport: the kernel spreads connections over the workers, as it does over the
+    # sidecar's proxies (without it one worker tends to accept them all).
     # A master running as root would switch its workers to "nobody", who cannot enter the
     # private temporary directory; on loopback in our own directory, keep the same user.
     user = "user root;\n" if os.geteuid() == 0 else ""
@@ -714,7 +717,7 @@ http {{
         keepalive_timeout 300s;
     }}
     server {{
-        listen 127.0.0.1:{port} http2;
+        listen 127.0.0.1:{port} http2 reuseport;
         location / {{
             grpc_pass grpc://direct;
             grpc_read_timeout 120s;
@@ -1549,8 +1552,12 @@ def _ratio(value: Any, kind: str) -> str:
     if value is None:
         return "n/a"
     if kind == "delta":
-        return f"{value:+.2f}ms" if abs(value) < 100 else f"{value:+.0f}ms"
+        return f"{value:+.2f}" if abs(value) < 100 else f"{value:+.0f}"
     return f"{value:.2f}x"
+
+
+def _wrap(text: str, indent: str = "  ") -> list[str]:
+    return textwrap.wrap(text, 96, subsequent_indent=indent, break_on_hyphens=False)
 
 
 def _table(header: list[str], body: list[list[str]]) -> list[str]:
@@ -1574,13 +1581,14 @@ def render(report: dict) -> str:
     runs = f"{opts['repeat']} run{'s' if opts['repeat'] > 1 else ''}"
     out.append(f"cy-sidecar bench, {report['started']}, {'quick, ' if opts['quick'] else ''}"
                f"{runs} (medians), {report['seconds']:.0f} s")
-    out.append(f"machine: {mach['platform']}, {mach['cpus']} CPUs; Python {mach['python']}, "
-               f"grpcio {mach['grpcio']}, nginx {mach['nginx'] or 'not installed'}")
-    out.append(f"client: {opts['clients']} processes (grpc.aio, up to "
-               f"{opts['channels_per_client']} connections each) on the same "
-               f"{mach['cpus']} CPUs as every server: the client and the server share "
-               f"{mach['cpus']} cores, so figures compare targets on this machine; they "
-               "are not capacities.")
+    out += _wrap(f"machine: {mach['platform']}, {mach['cpus']} CPUs; Python "
+                 f"{mach['python']}, grpcio {mach['grpcio']}, nginx "
+                 f"{mach['nginx'] or 'not installed'}")
+    out += _wrap(f"client: {opts['clients']} processes (grpc.aio, up to "
+                 f"{opts['channels_per_client']} connections each) on the same "
+                 f"{mach['cpus']} CPUs as every server: the client and the server share "
+                 f"{mach['cpus']} cores, so figures compare targets on this machine; they "
+                 "are not capacities.")
     out.append("targets: direct = gRPC server in bench.py that generates the tokens itself "
                "(no sidecar)")
     out.append("         nginx wN = nginx grpc_pass in front of direct, worker_processes N")
@@ -1594,8 +1602,8 @@ def render(report: dict) -> str:
     sidecars = [t for t in targets if t["kind"] == "sidecar"]
     if sidecars:
         out.append("")
-        out.append("cy-sidecar relative to direct / to nginx with as many workers "
-                   "(x: ratio; ms: difference)")
+        out.append("cy-sidecar relative to direct/nginx with as many workers "
+                   "(x: ratio; 'added' rows: difference in ms)")
         header = ["", *[t["label"] for t in sidecars]]
         body = []
         for row in rows:
@@ -1604,7 +1612,7 @@ def render(report: dict) -> str:
             cells = []
             for t in sidecars:
                 cell = report["ratios"][t["name"]][row.key]
-                cells.append(f"{_ratio(cell['direct'], row.kind)} / "
+                cells.append(f"{_ratio(cell['direct'], row.kind)}/"
                              f"{_ratio(cell['nginx'], row.kind)}")
             body.append([row.label, *cells])
         out += _table(header, body)
@@ -1625,9 +1633,9 @@ def render(report: dict) -> str:
         parts += [f"({d['role']} {d['pct']:.0f}%)" for d in backend]
         client = [d["pct"] for d in detail.get("cpu_load_by_role", []) if d["role"] == "client"]
         if client:
-            parts.append(f"(clients {' + '.join(f'{c:.0f}%' for c in client)})")
+            parts.append(f"(clients {'+'.join(f'{c:.0f}' for c in client)}%)")
         if parts:
-            out.append(f"  {t['label']:<10} " + ", ".join(parts))
+            out += _wrap(f"  {t['label']:<10} " + ", ".join(parts), " " * 13)
     led = report["ledger"]["median"]
     last = report["ledger"]["runs"][-1] if report["ledger"]["runs"] else {}
     out.append("")
@@ -1636,7 +1644,7 @@ def render(report: dict) -> str:
                f"{_fmt(led['commit_batched_rps'], 'rate')} records/s")
     out.append(f"  commit, 1 record per transaction:    "
                f"{_fmt(led['commit_single_rps'], 'rate')} records/s")
-    out.append(f"  upload to cy-sidecar usage-sink on loopback, {opts['upload_batch']} per call: "
+    out.append(f"  upload to a usage-sink, {opts['upload_batch']} per call:  "
                f"{_fmt(led['upload_rps'], 'rate')} records/s (sink accepted "
                f"{last.get('sink_accepted', 'n/a')} of {last.get('records', 'n/a')})")
     prof = report.get("profile")
@@ -1658,14 +1666,17 @@ def render(report: dict) -> str:
             out += [f"    {f['pct']:5.1f}%  {f['frame']}" for f in prof["inclusive"][:12]]
     out.append("")
     out.append("methods:")
-    out += [f"  {k}: {v}" for k, v in report["methods"].items()]
+    for key, text in report["methods"].items():
+        out += _wrap(f"  {key}: {text}", "    ")
     problems = [e for t in targets for e in t["errors"]]
     problems += [r["error"] for r in report["ledger"]["runs"] if r.get("error")]
     if report["notes"] or problems:
         out.append("")
         out.append("notes:")
-        out += [f"  {n}" for n in report["notes"]]
-        out += [f"  error: {p}" for p in problems]
+        for note in report["notes"]:
+            out += _wrap(f"  {note}", "    ")
+        for problem in problems:
+            out += _wrap(f"  error: {problem}", "    ")
     return "\n".join(out) + "\n"
 
 
