@@ -285,12 +285,10 @@ class _Meter:
         return new
 
     def _count(self, committed: list[Any]) -> None:
+        # Tokens by status are counted by the proxies when they close a record; here only
+        # the commits, so that a record re-read after a crash is not counted twice.
         for rec in committed:
             self.metrics.RECORDS_COMMITTED.labels(status=rec.status).inc()
-            if rec.delivered_tokens:
-                self.metrics.TOKENS_BY_STATUS.labels(
-                    model=rec.model, status=rec.status
-                ).inc(rec.delivered_tokens)
 
     def _maybe_drop_old(self, source: _Source) -> None:
         meter = source.meter
