@@ -457,10 +457,15 @@ class Supervisor:
         key = (child.role, child.index)
         lived = time.monotonic() - child.started
         backoff = self.backoff.get(key, RESTART_BACKOFF_MIN)
-        if lived > STABLE_AFTER_SECS:
+        # Backoff is for children that die while booting (a crash loop); one that was
+        # serving (a ready proxy, or up for a while) is replaced at once.
+        serving = child.ready or lived > STABLE_AFTER_SECS
+        if serving:
             backoff = RESTART_BACKOFF_MIN
         self.restart_at[key] = time.monotonic() + backoff
-        self.backoff[key] = min(backoff * 2, RESTART_BACKOFF_MAX)
+        self.backoff[key] = (
+            RESTART_BACKOFF_MIN if serving else min(backoff * 2, RESTART_BACKOFF_MAX)
+        )
 
     def _event(self, level: str, text: str) -> None:
         self.events.append((time.time(), level, text))
