@@ -2,14 +2,18 @@
 
 Text lines read ``TIME LEVEL role=ROLE pid=PID logger=NAME EVENT key=value ...``; messages are
 written as an event word followed by key=value pairs with lazy ``%s`` arguments. With
-``log_format = "json"`` each line is one JSON object with the same fields. The role and pid
-are set once per process (after a fork) by :func:`setup`.
+``log_format = "json"`` each line is one JSON object with the same fields: ``msg`` is the
+whole message, ``event`` its leading words, and each ``key=value`` of it is a field of its own
+(numbers as numbers; a key that would replace one of the fixed fields is written as
+``arg_KEY``). The role and pid are set once per process (after a fork) by :func:`setup`.
 """
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
+import re
 import sys
 import time
 
@@ -30,6 +34,47 @@ class _TextFormatter(logging.Formatter):
         return line
 
 
+_KEY = re.compile(r"(?:^|(?<=\s))([A-Za-z_][A-Za-z0-9_]*)=")
+# At most 15 digits: ids that happen to be all digits stay strings (and within JSON's range).
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]{0,14})(\.[0-9]+)?")
+_FIXED = ("ts", "level", "role", "pid", "logger", "msg", "event", "exc")
+
+
+def _quoted(msg: str, start: int) -> tuple[str, int]:
+    """The string literal (a %r) at msg[start] and the index after it."""
+    quote, i = msg[start], start + 1
+    while i < len(msg) and msg[i] != quote:
+        i += 2 if msg[i] == "\\" else 1
+    try:
+        return ast.literal_eval(msg[start:i + 1]), i + 1
+    except (ValueError, SyntaxError):
+        return msg[start + 1:i], i + 1
+
+
+def _fields(msg: str) -> dict:
+    """The event words and the key=value pairs of a message written as the module says.
+
+    A value runs to the next ``key=`` (so ``next=SIGKILL and restart`` is one value), or is
+    one quoted string literal; numbers become numbers.
+    """
+    match = _KEY.search(msg)
+    out: dict = {"event": (msg[:match.start()] if match else msg).strip()}
+    while match:
+        key, pos = match.group(1), match.end()
+        value: object
+        if msg[pos:pos + 1] in ("'", '"'):
+            value, pos = _quoted(msg, pos)
+            match = _KEY.search(msg, pos)
+        else:
+            match = _KEY.search(msg, pos)
+            value = msg[pos:match.start() if match else len(msg)].strip()
+            number = _NUMBER.fullmatch(value)
+            if number:
+                value = float(value) if number.group(1) else int(value)
+        out[f"arg_{key}" if key in _FIXED else key] = value
+    return out
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         obj = {
@@ -40,6 +85,7 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        obj.update(_fields(obj["msg"]))
         trace_id = getattr(record, "trace_id", None)
         if trace_id:
             obj["trace_id"] = trace_id

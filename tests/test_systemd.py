@@ -18,7 +18,6 @@ import subprocess
 import threading
 import time
 
-import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
