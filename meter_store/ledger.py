@@ -125,15 +125,19 @@ def _explain(path: str, action: str, exc: BaseException) -> LedgerError:
     name = getattr(exc, "sqlite_errorname", "") or ""
     text = str(exc)
     dir_writable = os.access(directory, os.W_OK)
+    cant_open = name.startswith("SQLITE_CANTOPEN") or "unable to open" in text
+    read_only = name.startswith("SQLITE_READONLY") or "readonly" in text
     if name == "SQLITE_FULL" or "disk is full" in text or getattr(exc, "errno", 0) == 28:
         cause, why = "disk_full", f"the filesystem of {directory} is full"
-    elif name.startswith("SQLITE_READONLY") or "readonly" in text or not dir_writable:
+    elif (read_only or cant_open) and not dir_writable:
         cause = "read_only"
         why = (
             f"the state directory {directory} is read-only or not writable by uid "
-            f"{os.geteuid()}" if not dir_writable else f"the file {path} is read-only"
+            f"{os.geteuid()}"
         )
-    elif name.startswith("SQLITE_CANTOPEN") or "unable to open" in text:
+    elif read_only:
+        cause, why = "read_only", f"the file {path} (or its -wal/-shm) is read-only"
+    elif cant_open:
         cause, why = "cant_open", f"{path} cannot be opened"
     elif name.startswith("SQLITE_BUSY") or name.startswith("SQLITE_LOCKED"):
         cause, why = "busy", "another connection held the write lock past the busy timeout"
