@@ -66,6 +66,8 @@ class _Source:
     path: str
     meter: MeterFile
     old: bool
+    # closed_counts() when every CLOSED slot had been committed; None: scan next time.
+    seen_closed: list[int] | None = None
 
 
 class _UploadState:
@@ -259,7 +261,14 @@ class _Meter:
         new = 0
         attempted = False
         for source in list(self.sources):
+            # Read the counters before the scan: a slot closed during the scan bumps them
+            # again and is picked up by the next pass. Idle passes cost a few reads.
+            counts = source.meter.closed_counts()
+            if counts == source.seen_closed and not force:
+                continue
             pairs = source.meter.slots_in_state(CLOSED)
+            if not pairs:
+                source.seen_closed = counts
             if pairs:
                 attempted = True
                 records = [source.meter.read_slot(r, s) for r, s in pairs]
@@ -270,6 +279,7 @@ class _Meter:
                     return new
                 for rec in records:
                     source.meter.free_slot(rec.region, rec.slot)
+                source.seen_closed = counts
                 new += len(result.committed)
                 self._count(result.committed)
                 if source is self.current:

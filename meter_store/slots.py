@@ -288,6 +288,11 @@ class MeterFile:
             "models": self._get_str(base + 64, 2, 190),
         }
 
+    def closed_counts(self) -> list[int]:
+        """Per region, how many slots were ever closed: a cheap "anything new?" check."""
+        words = self._words
+        return [words[self._region_off(r) // 8 + 3] for r in range(self.geometry.regions)]
+
     # -- slots -----------------------------------------------------------------------
 
     def slot_state(self, region: int, slot: int) -> int:
