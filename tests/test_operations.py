@@ -433,3 +433,56 @@ def test_config_check_and_show_say_where_each_value_came_from(tmp_path):
                                    "allowed: expected int")
     proc = run_cli("config", "check", str(tmp_path / "missing.toml"), env=env)
     assert proc.returncode == 78 and "does not exist" in proc.stderr
+
+
+# -- Kubernetes ---------------------------------------------------------------------------
+
+
+def test_the_kubernetes_example_fits_the_sidecar(tmp_path):
+    from cy_sidecar import config as config_mod
+    from cy_sidecar.supervisor import arbiter
+
+    yaml = pytest.importorskip("yaml", reason="PyYAML is in the test extras (pip install .[test])")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "deploy", "kubernetes", "cy-sidecar.yaml")) as fh:
+        docs = {doc["kind"]: doc for doc in yaml.safe_load_all(fh)}
+    assert set(docs) == {"ConfigMap", "Deployment", "Service"}
+
+    conf = tmp_path / "sidecar.toml"
+    conf.write_text(docs["ConfigMap"]["data"]["sidecar.toml"])
+    cfg = config_mod.load(str(conf), env={})
+    assert cfg.procs == 4
+
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > (cfg.drain_grace_secs
+                                                   + arbiter.SHUTDOWN_EXTRA_SECS)
+    containers = {c["name"]: c for c in pod["containers"]}
+    sidecar, worker = containers["cy-sidecar"], containers["worker"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+
+    # The worker socket is on an emptyDir that both containers mount at the same place.
+    mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
+    socket_volume = [name for name, path in mounts.items()
+                     if os.path.dirname(cfg.worker_path) == path]
+    assert len(socket_volume) == 1 and "emptyDir" in volumes[socket_volume[0]]
+    assert {m["name"]: m["mountPath"] for m in worker["volumeMounts"]}[socket_volume[0]] \
+        == mounts[socket_volume[0]]
+    assert mounts[[n for n, v in volumes.items() if "configMap" in v][0]] == "/etc/cy-sidecar"
+    assert cfg.state_dir in mounts.values()
+
+    argv = sidecar["command"] + sidecar["args"]
+    assert argv[1:] == ["start", "--config", "/etc/cy-sidecar/sidecar.toml"]
+    ports = {p["containerPort"] for p in sidecar["ports"]}
+    grpc_port = int(cfg.bind_addr.rsplit(":", 1)[1])
+    assert ports == {grpc_port, cfg.metrics_port} == {50051, 9090}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert sidecar[probe]["grpc"] == {"port": 50051}, probe
+
+    def mebibytes(quantity: str) -> float:
+        number, unit = re.fullmatch(r"(\d+)(Mi|Gi)", quantity).groups()
+        return int(number) * (1024 if unit == "Gi" else 1)
+    resources = sidecar["resources"]
+    # The design's footprint for --procs 4 is 128 MiB total PSS; the cgroup also holds
+    # the ledger's page cache.
+    assert 128 <= mebibytes(resources["requests"]["memory"]) \
+        <= mebibytes(resources["limits"]["memory"]) <= 512
