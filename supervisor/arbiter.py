@@ -126,6 +126,17 @@ def check_port_free(addr: str, what: str) -> None:
             probe.close()
 
 
+def _preload_child_modules() -> None:
+    """Import what the children run, once, so that forked children share those pages.
+
+    Importing creates no gRPC server, channel or thread (gRPC's core starts only when the
+    first such object exists); the one-thread check in the tests holds us to that.
+    """
+    import grpc.aio  # noqa: F401
+
+    from cy_sidecar.proxy_worker import process, service  # noqa: F401
+
+
 class Supervisor:
     def __init__(self, cfg: config_mod.Config, config_path: str | None = None):
         self.cfg = cfg
@@ -251,6 +262,7 @@ class Supervisor:
             "metrics_port=%s", self.procs, self.cfg.bind_addr, self.cfg.worker_uds,
             self.state_dir, self.cfg.metrics_port,
         )
+        _preload_child_modules()
         self.spawn("meter", 0)
         for index in range(self.procs):
             self.spawn("proxy", index)
