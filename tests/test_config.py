@@ -63,3 +63,11 @@ def test_a_bad_environment_value_names_the_variable():
         config.load(None, env={"SIDECAR_BIND_ADDR": "localhost"})
     assert "env SIDECAR_BIND_ADDR" in str(err.value)
     assert "host:port" in str(err.value)
+
+
+def test_the_readme_documents_every_setting():
+    import pathlib
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for s in config.SETTINGS:
+        assert f"`{s.section}.{s.key}`" in readme, f"{s.section}.{s.key} is not in README"
