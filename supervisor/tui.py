@@ -8,6 +8,7 @@ two consecutive frames. ``--once`` prints one frame, ``--json`` the raw data.
 from __future__ import annotations
 
 import json
+import os
 import select
 import sys
 import termios
@@ -139,9 +140,13 @@ def run_status(path: str, once: bool = False, as_json: bool = False,
         tty.setcbreak(fd)
         with Live(render(data), console=console, screen=False, auto_refresh=False) as live:
             while True:
-                ready, _, _ = select.select([sys.stdin], [], [], interval)
-                if ready and sys.stdin.read(1).lower() == "q":
-                    return 0
+                ready, _, _ = select.select([fd], [], [], interval)
+                # os.read, not sys.stdin.read: keys typed together arrive in one read, and
+                # none may stay in Python's buffer where select() cannot see it.
+                if ready:
+                    keys = os.read(fd, 64)
+                    if not keys or b"q" in keys.lower():  # q, or the terminal is gone
+                        return 0
                 previous, data = data, _fetch(path)
                 live.update(render(data, previous), refresh=True)
     except KeyboardInterrupt:

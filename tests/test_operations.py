@@ -188,7 +188,8 @@ def test_the_status_tui_draws_in_a_terminal_and_quits_on_q(running, tmp_path):
         assert "proxy-1" in text and "tokens by model" in text
         assert not os.path.exists(result)
 
-        tm("send-keys", "-t", "tui", "q")
+        # Another key and q in one write: q must not wait in a buffer for a third key.
+        tm("send-keys", "-t", "tui", "xq")
         wait_until(lambda: os.path.exists(result), timeout=10, interval=0.05,
                    what="the TUI to quit on q")
         with open(result) as fh:
