@@ -145,7 +145,7 @@ class Target:
 class Row:
     key: str
     label: str
-    kind: str  # rate | ms | us | mib | pct | int | delta
+    kind: str  # rate | ms | us | mib | pct | int | delta | info (no ratio)
 
 
 def rows_for(opts: BenchOptions) -> list[Row]:
@@ -178,6 +178,7 @@ def rows_for(opts: BenchOptions) -> list[Row]:
         Row("cpu_load_pct", f"CPU at {s} streams (%)", "pct"),
         Row("cpu_load_total_pct", "  with backend (%)", "pct"),
         Row("cpu_load_client_pct", "  client processes (%)", "pct"),
+        Row("foreign_cpu_pct", "other programs' CPU (%)", "info"),
     ]
 
 
@@ -1024,11 +1025,14 @@ class Bench:
 
         show(f"CPU when idle ({opts.idle_secs:g} s)")
         time.sleep(0.5)
-        own_pids = [pid for _, pid in probe.own()]
-        c0, t0 = _cpu_seconds(own_pids), time.monotonic()
+        clients = [("client", pid) for pid in self.clients.pids] if self.clients else []
+        idle: dict[str, Any] = {}
+        self._cpu_window(probe.own() + probe.backend() + clients, idle)(time.monotonic())
         time.sleep(opts.idle_secs)
-        c1, t1 = _cpu_seconds(own_pids), time.monotonic()
-        out["cpu_idle_pct"] = 100 * _cpu_delta(c0, c1) / (t1 - t0)
+        _close_window(idle)
+        out["cpu_idle_pct"] = sum(v for (role, pid), v in _cpu_by_role(idle).items()
+                                  if pid in {p for _, p in probe.own()})
+        foreign = [_foreign_pct(idle)]
 
         show("Health, 1 caller")
         res = self._run_jobs([dict(base, kind="health", callers=1, duration=opts.duration,
@@ -1057,22 +1061,21 @@ class Bench:
         out["gap_us"] = None if gap is None else gap * 1e6
 
         show(f"{opts.streams} streams of {opts.stream_tokens} tokens")
-        clients = [("client", pid) for pid in self.clients.pids] if self.clients else []
         every = probe.own() + probe.backend()
         cpu: dict[str, Any] = {}
         jobs = [dict(many, kind="streams", callers=c, tokens=opts.stream_tokens,
                      duration=opts.duration, max_streams=100_000)
                 for c in _split(opts.streams, opts.clients)]
         res = self._run_jobs(jobs, phase_timeout, self._cpu_window(every + clients, cpu))
-        cpu["end"] = _cpu_seconds([pid for _, pid in every + clients])
-        cpu["t_end"] = time.monotonic()
+        _close_window(cpu)
+        foreign.append(_foreign_pct(cpu))
         problems += _errors_of(res)
         tokens = sum(x.get("tokens", 0) for x in res)
         out["stream_tps"] = tokens / opts.duration
         out["stream_streams"] = sum(x.get("streams", 0) for x in res)
         out["stream_ttft_p50_ms"] = _ms(percentile(
             [v for x in res for v in x.get("ttft", [])], 0.5))
-        load = _cpu_by_role(every + clients, cpu)
+        load = _cpu_by_role(cpu)
         own_roles = {pid for _, pid in probe.own()}
         out["cpu_load_pct"] = sum(v for (role, pid), v in load.items() if pid in own_roles)
         out["cpu_load_total_pct"] = sum(v for (role, pid), v in load.items()
@@ -1092,11 +1095,11 @@ class Bench:
         cpu_rate: dict[str, Any] = {}
         res = self._run_jobs([dict(many, kind="rate", count=count, interval=1 / per_sec,
                                    tokens=opts.rate_stream_tokens)], phase_timeout,
-                             self._cpu_window(every, cpu_rate))
-        cpu_rate["end"] = _cpu_seconds([pid for _, pid in every])
-        cpu_rate["t_end"] = time.monotonic()
+                             self._cpu_window(every + clients, cpu_rate))
+        _close_window(cpu_rate)
+        foreign.append(_foreign_pct(cpu_rate))
         problems += _errors_of(res)
-        by_role = _cpu_by_role(every, cpu_rate)
+        by_role = {k: v for k, v in _cpu_by_role(cpu_rate).items() if k[0] != "client"}
         own_pct = sum(v for (role, pid), v in by_role.items() if pid in own_roles)
         wall = cpu_rate["t_end"] - cpu_rate["t_start"]
         got = res[0].get("tokens", 0)
@@ -1105,6 +1108,7 @@ class Bench:
         out["cpu_rate_pct"] = own_pct
         out["cpu_rate_total_pct"] = sum(by_role.values())
         out["cpu_rate_us_per_token"] = (own_pct / 100 * wall / got * 1e6) if got else None
+        out["foreign_cpu_pct"] = max((f for f in foreign if f is not None), default=None)
 
         if probe.to_probe is not None:
             show("swapping to the probe worker")
@@ -1135,7 +1139,10 @@ class Bench:
     def _cpu_window(roles: list[tuple[str, int]], into: dict) -> Callable[[float], None]:
         def at_start(start_at: float) -> None:
             time.sleep(max(0.0, start_at - time.monotonic()))
+            into["roles"] = roles
             into["start"] = _cpu_seconds([pid for _, pid in roles])
+            into["sys_start"] = _system_busy()
+            into["self_start"] = _self_cpu()
             into["t_start"] = time.monotonic()
 
         return at_start
@@ -1350,6 +1357,12 @@ class Bench:
                 "median": median, "runs": runs[t.name], "detail": details.get(t.name, {}),
                 "errors": errors[t.name],
             })
+        busy = [t["median"].get("foreign_cpu_pct") or 0.0 for t in targets]
+        if busy and max(busy) > 10:
+            self.notes.append(
+                f"other programs used up to {max(busy):.0f}% of a core while targets were "
+                f"measured (load average {os.getloadavg()[0]:.1f} at the end): the figures "
+                "are disturbed; run again on a quiet machine")
         ledger = {
             "median": {k: _median([r.get(k) for r in ledger_runs])
                        for k in ("commit_batched_rps", "commit_single_rps", "upload_rps")},
@@ -1363,7 +1376,7 @@ class Bench:
                 "cpus": os.cpu_count(), "platform": platform.platform(),
                 "python": platform.python_version(), "grpcio": grpc.__version__,
                 "nginx": nginx_version(self.nginx) if self.nginx else None,
-                "shared_cores": True,
+                "shared_cores": True, "load_average_end": list(os.getloadavg()),
             },
             "options": dataclasses.asdict(opts),
             "rows": [dataclasses.asdict(r) for r in rows_for(opts)],
@@ -1388,12 +1401,40 @@ def _cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(after[pid] - before[pid] for pid in after if pid in before)
 
 
-def _cpu_by_role(roles: list[tuple[str, int]], window: dict) -> dict[tuple[str, int], float]:
-    """% of one core per (role, pid) between window['start'] and window['end']."""
+def _system_busy() -> float:
+    """CPU seconds the whole machine spent busy (every core, every process) since boot."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+
+def _self_cpu() -> float:
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
+def _close_window(window: dict) -> None:
+    window["end"] = _cpu_seconds([pid for _, pid in window.get("roles", [])])
+    window["sys_end"] = _system_busy()
+    window["self_end"] = _self_cpu()
+    window["t_end"] = time.monotonic()
+
+
+def _foreign_pct(window: dict) -> float | None:
+    """% of a core used during the window by processes that are not this benchmark's."""
+    wall = window.get("t_end", 0.0) - window.get("t_start", 0.0)
+    if wall <= 0 or "sys_end" not in window:
+        return None
+    ours = _cpu_delta(window["start"], window["end"])
+    ours += window["self_end"] - window["self_start"]
+    return max(0.0, 100 * (window["sys_end"] - window["sys_start"] - ours) / wall)
+
+
+def _cpu_by_role(window: dict) -> dict[tuple[str, int], float]:
+    """% of one core per (role, pid) between the start and the end of a CPU window."""
     wall = window.get("t_end", 0.0) - window.get("t_start", 0.0)
     start, end = window.get("start", {}), window.get("end", {})
     out = {}
-    for role, pid in roles:
+    for role, pid in window.get("roles", []):
         if pid in start and pid in end and wall > 0:
             out[(role, pid)] = 100 * (end[pid] - start[pid]) / wall
     return out
@@ -1414,7 +1455,7 @@ def _split_frame(frame: str) -> tuple[str, str, bool]:
             path = path.split(marker, 1)[1]
             break
     if not python:
-        path = os.path.basename(path)
+        path = re.sub(r"\.cpython-[^.]*\.so$", ".so", os.path.basename(path))
         if func.startswith("0x"):
             func = "[code]"
     return func, path, python
@@ -1488,7 +1529,7 @@ def ratios(targets: list[dict], rows: list[Row]) -> dict[str, dict[str, dict]]:
         nginx = by_name.get(f"nginx_w{t['procs']}")
         cells = {}
         for row in rows:
-            if row.kind == "int":
+            if row.kind in ("int", "info"):
                 continue
             value = t["median"].get(row.key)
             cell = {}
@@ -1607,7 +1648,7 @@ def render(report: dict) -> str:
         header = ["", *[t["label"] for t in sidecars]]
         body = []
         for row in rows:
-            if row.kind == "int":
+            if row.kind in ("int", "info"):
                 continue
             cells = []
             for t in sidecars:
