@@ -652,6 +652,11 @@ class Supervisor:
                 and not c.retiring) >= self.procs
         )
         if not self.ready_sent and all_ready and self._meter_ready():
+            ledger_error = self.meter_status().get("ledger_error")
+            if ledger_error:
+                # READY=1 means the ledger is open too; until then systemd shows why not.
+                self.notifier.status(f"waiting for the ledger: {ledger_error}")
+                return
             self.ready_sent = True
             self.notifier.ready(self.status_line())
             log.info("sidecar ready procs=%s bind_addr=%s metrics_port=%s control=%s",

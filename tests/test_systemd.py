@@ -337,3 +337,26 @@ def psutil_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_ready_waits_until_the_ledger_is_open(stack, tmp_path):
+    # A directory where the SQLite file should be: the state directory is writable (the
+    # sidecar starts), the ledger cannot be opened until the directory is gone.
+    blocker = os.path.join(stack.state_dir, "ledger.db")
+    os.makedirs(blocker)
+    fake = FakeSystemd(str(tmp_path / "notify.sock"))
+    try:
+        sidecar = stack.start_sidecar(procs=2, env=_notify_env(fake.path), wait=False)
+        waiting_t, pid, line = fake.wait_for(r"^STATUS=waiting for the ledger: .*ledger\.db")
+        assert pid == sidecar.pid
+        assert len(_child_pids(sidecar, "proxy")) == 2  # the proxies were ready already
+        assert not fake.sent("READY=1") and "sidecar ready" not in sidecar.text()
+
+        os.rmdir(blocker)
+        ready_t, pid, _ = fake.wait_for(r"^READY=1$", timeout=15)
+        assert pid == sidecar.pid and ready_t > waiting_t
+        sidecar.wait_for(r"sidecar ready procs=2")
+        assert os.path.isfile(blocker)
+        fake.wait_for(r"^STATUS=2/2 proxies, worker ready, 0 pending$")
+    finally:
+        fake.close()
