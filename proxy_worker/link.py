@@ -256,16 +256,22 @@ class WorkerLink:
             st = os.stat(self.path)
         except OSError:
             return None
-        return (st.st_ino, st.st_mtime_ns)
+        return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
 
     async def _wait_for_socket(self, delay: float) -> None:
-        """Sleep up to `delay`, but return early when a new socket file appears."""
+        """Sleep up to `delay`, but return early when a new socket file appears.
+
+        A replaced socket can get the same inode number and timestamps as the one it
+        replaced, so while any socket file exists a connect is also tried every second
+        (cheap: a stale socket refuses at once).
+        """
         before = self._socket_identity()
-        deadline = time.monotonic() + delay
+        started = time.monotonic()
+        deadline = started + delay
         while time.monotonic() < deadline:
             await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
             now = self._socket_identity()
-            if now is not None and now != before:
+            if now is not None and (now != before or time.monotonic() - started >= 1.0):
                 return
             before = now
 
@@ -290,13 +296,19 @@ class WorkerLink:
         })
         hello = self.loop.create_future()
         self._hello = hello
-        try:
-            frame = await asyncio.wait_for(asyncio.shield(hello), HELLO_TIMEOUT_SECS)
-        except (asyncio.TimeoutError, ConnectionError) as exc:
-            log.warning(
-                "worker handshake failed uds=%s error=%s next=reconnect", self.path,
-                exc or "no hello within %.0fs" % HELLO_TIMEOUT_SECS,
+        # A connect can land in the backlog of a worker that is just dying: its reset
+        # must end the handshake at once, not after the hello timeout.
+        await asyncio.wait((hello, proto.closed), timeout=HELLO_TIMEOUT_SECS,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if hello.done():
+            frame = hello.result()
+        else:
+            reason = (
+                "the connection closed during the handshake" if proto.closed.done()
+                else f"no hello within {HELLO_TIMEOUT_SECS:.0f} s"
             )
+            log.warning("worker handshake failed uds=%s error=%s next=reconnect",
+                        self.path, reason)
             proto.transport.close()
             self._proto = None
             if self._on_connect_error:

@@ -75,13 +75,13 @@ class _Shutdown:
 SHUTDOWN = _Shutdown()
 
 
-def _usage_trailers(rec: UsageRecord) -> tuple[tuple[str, str], ...]:
+def _usage_trailers(rec: UsageRecord, status: str = "") -> tuple[tuple[str, str], ...]:
     return (
         ("cy-usage-record-id", rec.record_id),
         ("cy-usage-prompt-tokens", str(rec.prompt)),
         ("cy-usage-generated-tokens", str(rec.generated)),
         ("cy-usage-delivered-tokens", str(rec.delivered)),
-        ("cy-usage-status", rec.status or ""),
+        ("cy-usage-status", rec.status or status),
     )
 
 
@@ -250,19 +250,19 @@ class ProxyService(pb_grpc.AiInferenceServicer):
         finally:
             self.open_streams -= 1
             m.ACTIVE_CONNECTIONS.dec()
-            elapsed = time.monotonic() - started
-            m.REQUEST_DURATION.observe(elapsed)
-            if rec.status == "finished":
-                m.REQUESTS_SUCCESS.inc()
-            elif rec.status is not None:
-                m.REQUESTS_FAILED.labels(rec.status).inc()
-                m.TOKENS_BY_STATUS.labels(req.model_id, rec.status).inc(rec.delivered)
-            if rec.status == "finished":
-                m.TOKENS_BY_STATUS.labels(req.model_id, "finished").inc(rec.delivered)
             if rec.status is not None:
-                self._log_request(req, rec, elapsed)
+                self._request_done(req, rec, started)
+            # Otherwise a settle task closes the record and calls _request_done.
 
-    def _log_request(self, req, rec: UsageRecord, elapsed: float) -> None:
+    def _request_done(self, req, rec: UsageRecord, started: float) -> None:
+        """Metrics and the request log line of a stream, once its record is closed."""
+        elapsed = time.monotonic() - started
+        m.REQUEST_DURATION.observe(elapsed)
+        if rec.status == "finished":
+            m.REQUESTS_SUCCESS.inc()
+        else:
+            m.REQUESTS_FAILED.labels(rec.status).inc()
+        m.TOKENS_BY_STATUS.labels(req.model_id, rec.status).inc(rec.delivered)
         req_log.info(
             "request done trace_id=%s model=%s tenant=%s status=%s prompt=%s generated=%s "
             "delivered=%s duration_ms=%.1f record_id=%s",
@@ -305,6 +305,10 @@ class ProxyService(pb_grpc.AiInferenceServicer):
         first_token_at = 0.0
         last_token_at = 0.0
         gaps = 0
+
+        def done() -> None:
+            self._request_done(req, rec, started)
+
         try:
             if self._holding():
                 index = await self._hold(req, rec, context, deadline)
@@ -392,7 +396,7 @@ class ProxyService(pb_grpc.AiInferenceServicer):
                     if event is SHUTDOWN:
                         self.link.cancel_stream(stream)
                         rec.close("shutdown")
-                        self._settle(stream, rec)
+                        self._settle(stream, rec, "shutdown", lambda: None)
                         await context.abort(
                             grpc.StatusCode.UNAVAILABLE,
                             "sidecar is shutting down and the drain period is over; "
@@ -402,13 +406,13 @@ class ProxyService(pb_grpc.AiInferenceServicer):
         except TimeoutError:
             if stream is not None:
                 self.link.cancel_stream(stream)
-                self._settle(stream, rec, "deadline")
+                self._settle(stream, rec, "deadline", done)
             else:
                 rec.close("deadline")
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"deadline reached after {rec.delivered} tokens",
-                trailing_metadata=_usage_trailers(rec),
+                trailing_metadata=_usage_trailers(rec, "deadline"),
             )
         except asyncio.CancelledError:
             # The caller cancelled (or its connection went away).
@@ -417,7 +421,7 @@ class ProxyService(pb_grpc.AiInferenceServicer):
                 status = "deadline"
             if stream is not None:
                 self.link.cancel_stream(stream)
-                self._settle(stream, rec, status)
+                self._settle(stream, rec, status, done)
             else:
                 rec.close(status)
             raise
@@ -431,7 +435,7 @@ class ProxyService(pb_grpc.AiInferenceServicer):
             log.info("gateway write failed trace_id=%s error=%r", trace_id or "-", exc)
             if stream is not None:
                 self.link.cancel_stream(stream)
-                self._settle(stream, rec, "gateway_disconnected")
+                self._settle(stream, rec, "gateway_disconnected", done)
             else:
                 rec.close("gateway_disconnected")
         finally:
@@ -442,13 +446,15 @@ class ProxyService(pb_grpc.AiInferenceServicer):
             if gaps and last_token_at > first_token_at:
                 m.INTER_TOKEN.observe((last_token_at - first_token_at) / gaps)
 
-    def _settle(self, stream: wl.Stream, rec: UsageRecord, status: str | None = None) -> None:
+    def _settle(self, stream: wl.Stream, rec: UsageRecord, status: str, done) -> None:
         """Close `rec` once the worker's final frame arrives (or after a short wait)."""
-        task = asyncio.get_running_loop().create_task(self._settle_task(stream, rec, status))
+        task = asyncio.get_running_loop().create_task(
+            self._settle_task(stream, rec, status, done)
+        )
         self.settling.add(task)
         task.add_done_callback(self.settling.discard)
 
-    async def _settle_task(self, stream: wl.Stream, rec: UsageRecord, status) -> None:
+    async def _settle_task(self, stream: wl.Stream, rec: UsageRecord, status, done) -> None:
         try:
             async with asyncio.timeout(SETTLE_TIMEOUT_SECS):
                 while not stream.ended or stream.queue:
@@ -462,8 +468,8 @@ class ProxyService(pb_grpc.AiInferenceServicer):
             pass
         finally:
             self.link.forget_stream(stream)
-            if status is not None:
-                rec.close(status)
+            if rec.close(status):
+                done()
 
     async def end_all_for_shutdown(self) -> None:
         """Drain deadline: end every open stream with UNAVAILABLE and status shutdown."""

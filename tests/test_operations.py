@@ -384,10 +384,6 @@ def test_json_logs_are_one_object_a_line_and_a_request_logs_its_end(stack):
     assert len(bad) == 1 and bad[0]["status"] == "worker_error" and bad[0]["delivered"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="a stream that ends by cancel, deadline or a lost "
-                   "Gateway gets its status in a settle task after StreamPredict's finally "
-                   "ran (proxy_worker/service.py), so no 'request done' line is logged and "
-                   "neither requests_failed nor tokens_by_status count it")
 def test_a_cancelled_request_is_logged_and_counted_too(running):
     with new_channel(running.target) as channel:
         call = pb_grpc.AiInferenceStub(channel).StreamPredict(
