@@ -16,9 +16,10 @@ from cy_sidecar import bench
 def _tiny() -> bench.BenchOptions:
     return bench.BenchOptions(
         duration=0.3, idle_secs=0.2, health_concurrency=8, streams=8, stream_tokens=16,
-        ttft_streams=3, ttft_tokens=8, probe_streams=1, probe_tokens=8, probe_tps=400.0,
+        ttft_streams=3, ttft_tokens=80, probe_streams=1, probe_tokens=8, probe_tps=400.0,
         rate_tokens_per_sec=400.0, rate_stream_tokens=20, clients=2, channels_per_client=2,
         procs=(1,), ledger_records=200, ledger_batch=50, ledger_single=10, upload_batch=50,
+        busy_retries=0,
     )
 
 
