@@ -92,6 +92,9 @@ SETTINGS: tuple[Setting, ...] = (
             "SIDECAR_MAX_FRAME_BYTES", "largest frame on the worker socket"),
     Setting("server", "stream_window", int, 64, _between(1, 65_536), "SIDECAR_STREAM_WINDOW",
             "chunks the inference worker may send ahead of the Gateway reader, per stream"),
+    Setting("server", "merge_chunks", int, 32, _between(0, 4096), "SIDECAR_MERGE_CHUNKS",
+            "when a Gateway reads slower than the worker writes, send up to this many "
+            "waiting chunks of a stream as one message (token_count stays exact); 0: never"),
     Setting("server", "drain_grace_secs", float, 30.0, _between(0, 3600),
             "SIDECAR_DRAIN_GRACE_SECS", "on SIGTERM, how long open streams may still run"),
     Setting("server", "keepalive_time_secs", float, 20.0, _between(1, 7200),

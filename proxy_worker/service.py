@@ -156,6 +156,7 @@ class ProxyService(pb_grpc.AiInferenceServicer):
         self.meter = meter
         self.health = health
         self.metering = cfg.get("metering", "enabled")
+        self.merge_chunks = cfg.merge_chunks
         self.max_streams = cfg.max_concurrent_streams
         self.max_prompt = cfg.max_prompt_bytes
         self.grace = cfg.reload_grace_secs
@@ -305,6 +306,7 @@ class ProxyService(pb_grpc.AiInferenceServicer):
         first_token_at = 0.0
         last_token_at = 0.0
         gaps = 0
+        merge = self.merge_chunks
 
         def done() -> None:
             self._request_done(req, rec, started)
@@ -336,9 +338,22 @@ class ProxyService(pb_grpc.AiInferenceServicer):
                         kind = event["t"]
                         if kind == "chunk":
                             n = event["n"]
+                            text = event["text"]
+                            frames = 1
+                            queue = stream.queue
+                            if merge and queue and type(queue[0]) is dict:
+                                # The Gateway reads slower than the worker writes: send the
+                                # chunks already waiting as one message (exact token_count).
+                                parts = [text]
+                                while (queue and frames < merge and type(queue[0]) is dict
+                                       and queue[0]["t"] == "chunk"):
+                                    more = queue.popleft()
+                                    parts.append(more["text"])
+                                    n += more["n"]
+                                    frames += 1
+                                text = "".join(parts)
                             msg = pb.StreamPredictResponse(
-                                trace_id=trace_id, chunk=event["text"], index=index,
-                                token_count=n,
+                                trace_id=trace_id, chunk=text, index=index, token_count=n,
                             )
                             if not first_token_at:
                                 first_token_at = time.monotonic()
@@ -354,7 +369,7 @@ class ProxyService(pb_grpc.AiInferenceServicer):
                             tokens_metric.inc(n)
                             index += 1
                             await context.write(msg)
-                            stream.consumed()
+                            stream.consumed(frames)
                             continue
                         if kind == "end":
                             rec.apply_usage(event.get("usage"))

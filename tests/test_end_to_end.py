@@ -82,9 +82,8 @@ def test_a_client_cancel_after_k_chunks_stops_the_worker_and_is_metered(running)
             iter([request(tokens=0, demo_tokens=5000, demo_tps=50, trace_id="cancel-me")]),
             timeout=30,
         )
-        got = [next(call) for _ in range(k)]
+        got = sum(next(call).token_count for _ in range(k))  # 3 tokens, unless merged
         call.cancel()
-        assert [m.token_count for m in got] == [1] * k
 
         def worker_idle():
             reply = stub.Control(pb.ControlMessage(command="state"), timeout=5)
@@ -100,7 +99,7 @@ def test_a_client_cancel_after_k_chunks_stops_the_worker_and_is_metered(running)
 
     rec = wait_until(cancelled_record, what="the cancelled record at the sink")
     assert rec["status"] == "cancelled"
-    assert rec["delivered_tokens"] == k
+    assert rec["delivered_tokens"] == got
     assert rec["prompt_tokens"] > 0
 
 
