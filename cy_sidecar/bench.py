@@ -142,6 +142,7 @@ class Target:
     kind: str        # direct | nginx | sidecar
     procs: int = 1
     metering: bool = True
+    merge: int | None = None  # server.merge_chunks; None: the product's default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -873,6 +874,9 @@ class Bench:
             for on in metering:
                 state = "on" if on else "off"
                 targets.append(Target(f"cy_p{n}_{state}", f"cy p{n} {state}", "sidecar", n, on))
+            if merge:
+                # Like for like with direct and nginx: one message per token.
+                targets.append(Target(f"cy_p{n}_1msg", f"cy p{n} 1msg", "sidecar", n, True, 0))
         return targets
 
     # -- running --------------------------------------------------------------------------
@@ -1000,6 +1004,8 @@ class Bench:
         }
         if not target.metering:
             overrides["metering.enabled"] = False
+        if target.merge is not None:
+            overrides["server.merge_chunks"] = target.merge
         stack.write_config(**overrides)
         probe: list[Proc] = []
         control = os.path.join(stack.state_dir, "control.sock")
@@ -1384,6 +1390,7 @@ class Bench:
             targets.append({
                 "name": t.name, "label": t.label, "kind": t.kind, "procs": t.procs,
                 "metering": t.metering if t.kind == "sidecar" else None,
+                "merge_chunks": t.merge,
                 "median": median, "runs": runs[t.name], "detail": details.get(t.name, {}),
                 "errors": errors[t.name],
             })
@@ -1672,23 +1679,31 @@ def render(report: dict) -> str:
     out.append("         nginx wN = nginx grpc_pass in front of direct, worker_processes N")
     out.append("         cy pN on/off = cy-sidecar --procs N + demo worker --fast --stamp, "
                "metering on/off")
-    out.append("")
-    header = ["", *[t["label"] for t in targets]]
-    body = [[row.label, *[_fmt(t["median"].get(row.key), row.kind) for t in targets]]
-            for row in rows]
-    out += _table(header, body)
-    sidecars = [t for t in targets if t["kind"] == "sidecar"]
-    if sidecars:
+    if any(t.get("merge_chunks") == 0 for t in targets):
+        out.append("         cy pN 1msg = metering on, server.merge_chunks = 0: one message "
+                   "per token, like direct")
+    # One table per process count (direct in each, for reference), so lines stay short.
+    for n in sorted({t["procs"] for t in targets if t["kind"] != "direct"}):
+        group = [t for t in targets if t["kind"] == "direct" or t["procs"] == n]
         out.append("")
-        out.append("cy-sidecar relative to direct/nginx with as many workers "
+        out.append(f"results, {n} proxy/nginx worker process{'es' if n > 1 else ''}")
+        header = ["", *[t["label"] for t in group]]
+        body = [[row.label, *[_fmt(t["median"].get(row.key), row.kind) for t in group]]
+                for row in rows]
+        out += _table(header, body)
+    sidecars = [t for t in targets if t["kind"] == "sidecar"]
+    for n in sorted({t["procs"] for t in sidecars}):
+        group = [t for t in sidecars if t["procs"] == n]
+        out.append("")
+        out.append(f"cy-sidecar --procs {n} relative to direct/nginx w{n} "
                    "(x: ratio; 'added' rows: difference in ms)")
-        header = ["", *[t["label"] for t in sidecars]]
+        header = ["", *[t["label"] for t in group]]
         body = []
         for row in rows:
             if row.kind in ("int", "info"):
                 continue
             cells = []
-            for t in sidecars:
+            for t in group:
                 cell = report["ratios"][t["name"]][row.key]
                 cells.append(f"{_ratio(cell['direct'], row.kind)}/"
                              f"{_ratio(cell['nginx'], row.kind)}")
