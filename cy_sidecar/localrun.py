@@ -26,9 +26,21 @@ class StackError(RuntimeError):
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports (all probes stay open until each is chosen)."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 class Proc:
@@ -174,11 +186,12 @@ class Stack:
     @classmethod
     def create(cls, root: str | None = None, log_path: str | None = None) -> "Stack":
         root = root or tempfile.mkdtemp(prefix="cy-sidecar-")
+        grpc_port, metrics_port, sink_port = free_ports(3)
         return cls(
             root=root,
-            grpc_port=free_port(),
-            metrics_port=free_port(),
-            sink_port=free_port(),
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
+            sink_port=sink_port,
             worker_path=os.path.join(root, "worker.sock"),
             config_path=os.path.join(root, "sidecar.toml"),
             log_path=log_path,

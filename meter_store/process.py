@@ -431,10 +431,12 @@ def run_meter(cfg: Any, meter_path: str, old_meter_files: list[str]) -> int:
         except MeterFileError as exc:
             log.error("old_meter_file_unusable path=%s error=%s (left in place)", path, exc)
 
-    stop = threading.Event()
+    # The handler only records the signal: calling Event.set() from a handler can deadlock
+    # when the signal lands while the main thread holds that Event's lock inside wait().
+    stopping: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
-        stop.set()
+        stopping.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -471,7 +473,10 @@ def run_meter(cfg: Any, meter_path: str, old_meter_files: list[str]) -> int:
             uploader = _UploadThread(cfg, meter.path, meter.uploads)
             uploader.start()
         next_tick = time.monotonic() + TICK_SECS
-        while not stop.wait(COMMIT_INTERVAL_SECS):
+        while not stopping:
+            time.sleep(COMMIT_INTERVAL_SECS)
+            if stopping:
+                break
             meter.commit_pass()
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + TICK_SECS

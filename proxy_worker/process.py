@@ -24,6 +24,7 @@ from cy_sidecar import exitcodes, logs
 log = logs.get("proxy")
 
 HEARTBEAT_SECS = 0.5
+LIVENESS_SERVICE = "liveness"
 
 
 def _server_options(cfg) -> list[tuple[str, int]]:
@@ -81,6 +82,9 @@ async def _main(cfg, index: int, region: int, meter_path: str, ready_fd: int) ->
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    # "liveness": SERVING while this process serves at all, whatever the worker's state, so
+    # a liveness probe restarts a stuck sidecar but not one waiting for its worker.
+    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
     service: ProxyService | None = None
 

@@ -472,8 +472,8 @@ def test_the_kubernetes_example_fits_the_sidecar(tmp_path):
     ports = {p["containerPort"] for p in sidecar["ports"]}
     grpc_port = int(cfg.bind_addr.rsplit(":", 1)[1])
     assert ports == {grpc_port, cfg.metrics_port} == {50051, 9090}
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert sidecar[probe]["grpc"] == {"port": 50051}, probe
+    assert sidecar["readinessProbe"]["grpc"] == {"port": 50051}
+    assert sidecar["livenessProbe"]["grpc"] == {"port": 50051, "service": "liveness"}
 
     def mebibytes(quantity: str) -> float:
         number, unit = re.fullmatch(r"(\d+)(Mi|Gi)", quantity).groups()

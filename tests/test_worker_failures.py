@@ -51,6 +51,7 @@ def test_worker_killed_mid_stream_then_missing_then_stale_then_back(running):
     if os.path.exists(running.worker_path):
         os.unlink(running.worker_path)
     wait_until(lambda: health_status(running.target) == "NOT_SERVING", what="NOT_SERVING")
+    assert health_status(running.target, "liveness") == "SERVING"
     e = fails_fast(stub, "while-missing")
     assert e.code() == grpc.StatusCode.UNAVAILABLE
     assert "grpc-retry-pushback-ms" in dict(e.trailing_metadata())
