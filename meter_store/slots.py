@@ -432,17 +432,6 @@ class MeterFile:
                 return i
         return last
 
-    def add_model_tokens(
-        self, region: int, index: int, prompt: int, generated: int, delivered: int,
-        records: int,
-    ) -> None:
-        w = self._model_off(region, index) // 8
-        words = self._words
-        words[w + _M_PROMPT] += prompt
-        words[w + _M_GEN] += generated
-        words[w + _M_DELIV] += delivered
-        words[w + _M_RECORDS] += records
-
     def model_word_base(self, region: int, index: int) -> int:
         return self._model_off(region, index) // 8
 

@@ -75,7 +75,7 @@ class Stream:
         self.queue: collections.deque = collections.deque()
         self.waiter: asyncio.Future | None = None
         self.credit_owed = 0
-        self.received = 0  # chunk frames received and not yet returned as credit
+        self.received = 0  # chunk frames received minus credit returned: at most window
         self.ended = False
         self.on_chunk: Callable[[dict], None] | None = None
 
@@ -100,8 +100,8 @@ class Stream:
         self.credit_owed += frames
         if self.credit_owed * 2 >= self.window and not self.ended:
             self.link.send({"t": "credit", "s": self.sid, "n": self.credit_owed})
+            self.received -= self.credit_owed
             self.credit_owed = 0
-            self.received = 0
 
 
 class _Protocol(asyncio.Protocol):
