@@ -8,7 +8,9 @@ and measures these targets with the same client and the same requests:
 * ``nginx wN``: nginx ``grpc_pass`` in front of that server, ``worker_processes N`` (when
   ``nginx`` is on PATH; otherwise the output says how to install it).
 * ``cy pN on|off``: ``cy-sidecar start --procs N`` (through :class:`localrun.Stack`) with the
-  demo worker in fast mode with stamps, metering on and off (``metering.enabled = false``).
+  demo worker in fast mode with stamps, metering on and off (``metering.enabled = false``);
+  ``cy pN 1msg``: metering on, ``server.merge_chunks = 0`` (one message per token, as the
+  direct server sends them), when the configuration has that key.
 
 For each target: Health calls per second at 1 and at many callers with p50/p99 latency;
 tokens per second with many concurrent streams; time to first token (TTFT) of one stream and
@@ -33,7 +35,10 @@ Load comes from ``clients`` client processes (multiprocessing, spawn: a script t
 :func:`main` needs the usual ``if __name__ == "__main__":`` guard), each with its own
 grpc.aio channels (one TCP connection each), released in step. Every loop is bounded in
 count and in time and stops by itself. Client and servers share the machine's cores, so the
-figures compare targets on one machine; they are not capacities.
+figures compare targets on one machine; they are not capacities. The CPU that other programs
+use during a target's phases is measured (machine busy time minus every process of ours);
+above ``busy_pct`` the target is measured again, ``busy_retries`` times at most, and the
+quietest attempt is kept.
 
 Internal roles, started by the benchmark as separate processes::
 
