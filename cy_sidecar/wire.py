@@ -27,6 +27,10 @@ HEADER_SIZE = HEADER.size
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
 HARD_MAX_FRAME_BYTES = 16 << 20
 MAX_STREAM_ID = (1 << 53) - 1  # exact in a JSON double, so no end can lose precision
+# Bounds on what a worker may claim: far above any real chunk or request, far below what
+# would overflow a counter, the ledger's 64-bit integers or the Gateway's uint64 fields.
+MAX_CHUNK_TOKENS = 1 << 20
+MAX_USAGE_TOKENS = 1 << 31
 
 ERROR_CODES = ("oom", "not_found", "invalid", "overloaded", "internal", "cancelled")
 WORKER_STATES = ("loading", "ready", "draining")
@@ -107,6 +111,37 @@ FROM_WORKER = frozenset(
 )
 
 
+def _check_usage(usage: Any) -> None:
+    """An end frame's usage: token counts are ints in range (no bools, floats, negatives)."""
+    if usage is None:
+        return
+    for key in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(key)
+        if value is None:
+            continue
+        if type(value) is not int or not 0 <= value <= MAX_USAGE_TOKENS:
+            raise FrameError(f"end frame has usage.{key}={value!r:.40}; expected an "
+                             f"integer 0..{MAX_USAGE_TOKENS}")
+
+
+def _check_hello(frame: dict) -> None:
+    if frame["v"] != PROTOCOL_VERSION:
+        raise FrameError(f"hello has unsupported protocol version v={frame['v']!r}; this "
+                         f"side speaks v={PROTOCOL_VERSION}")
+    if frame["role"] not in ("proxy", "worker"):
+        raise FrameError(f"hello has role {frame['role']!r}; expected proxy or worker")
+    if frame["pid"] < 0:
+        raise FrameError(f"hello has pid {frame['pid']!r}")
+    state = frame.get("state")
+    if state is not None and state not in WORKER_STATES:
+        raise FrameError(f"hello has state {state!r}; expected one of "
+                         + ", ".join(WORKER_STATES))
+    limit = frame.get("max_frame")
+    if limit is not None and not 4096 <= limit <= HARD_MAX_FRAME_BYTES:
+        raise FrameError(f"hello has max_frame {limit!r}; expected "
+                         f"4096..{HARD_MAX_FRAME_BYTES}")
+
+
 class FrameError(ValueError):
     """A frame that breaks the protocol. The connection that carried it must be reset.
 
@@ -158,8 +193,18 @@ def check(frame: Any, allowed: frozenset[str]) -> dict:
     if sid is not None and not 0 < sid <= MAX_STREAM_ID:
         raise FrameError(f"frame kind={kind!r} has stream id {sid!r} out of range")
     count = frame.get("n") if "n" in schema else None
-    if count is not None and not 0 <= count <= 1 << 31:
-        raise FrameError(f"frame kind={kind!r} has n={count!r} out of range")
+    if count is not None and not 0 <= count <= MAX_CHUNK_TOKENS:
+        raise FrameError(f"frame kind={kind!r} has n={count!r} out of range "
+                         f"0..{MAX_CHUNK_TOKENS}")
+    if kind == "chunk":
+        prompt = frame.get("p")
+        if prompt is not None and not 0 <= prompt <= MAX_USAGE_TOKENS:
+            raise FrameError(f"chunk frame has p={prompt!r} out of range "
+                             f"0..{MAX_USAGE_TOKENS}")
+    elif kind == "end":
+        _check_usage(frame.get("usage"))
+    elif kind == "hello":
+        _check_hello(frame)
     if kind == "err" and frame["code"] not in ERROR_CODES:
         raise FrameError(f"err frame has unknown code {frame['code']!r}")
     if kind == "state" and frame["state"] not in WORKER_STATES:

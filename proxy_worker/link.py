@@ -122,9 +122,14 @@ class _Protocol(asyncio.Protocol):
             # Frames that arrived whole before the bad bytes are still the worker's output.
             frames, error = exc.frames, exc
         dispatch = self.link.dispatch
-        for frame in frames:
-            if not dispatch(frame):
-                return
+        try:
+            for frame in frames:
+                if not dispatch(frame):
+                    return
+        except Exception as exc:  # noqa: BLE001 - a frame must never kill the reader
+            log.exception("frame handling failed uds=%s", self.link.path)
+            self.link.protocol_error(f"the sidecar could not handle a frame: {exc!r}")
+            return
         if error is not None:
             self.link.protocol_error(str(error))
 
@@ -177,6 +182,10 @@ class WorkerLink:
         self._oom_kills_at_connect: int | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
+        self.send_max = max_frame_bytes  # lowered to what the worker announces it accepts
+        self._first_sid = 1  # first stream id opened on the current connection
+        self._cancelled: dict[int, float] = {}  # stream ids we cancelled: late frames ok
+        self._reset_reason = ""
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -290,6 +299,10 @@ class WorkerLink:
         self._proto = proto
         self._oom_seen = False
         self._oom_kills_at_connect = _cgroup_oom_kills()
+        self._first_sid = self._next_sid
+        self._cancelled.clear()
+        self._reset_reason = ""
+        self.send_max = self.max_frame_bytes
         self.send({
             "t": "hello", "v": wire.PROTOCOL_VERSION, "role": "proxy", "pid": os.getpid(),
             "max_frame": self.max_frame_bytes,
@@ -314,6 +327,13 @@ class WorkerLink:
             if self._on_connect_error:
                 self._on_connect_error()
             return False
+        if frame["role"] != "worker":
+            log.error("worker handshake failed uds=%s error=%r next=reconnect", self.path,
+                      f"hello from role {frame['role']!r}, expected 'worker'")
+            proto.transport.abort()
+            self._proto = None
+            return False
+        self.send_max = min(self.max_frame_bytes, frame.get("max_frame") or self.send_max)
         self.worker_pid = frame.get("pid", 0)
         self.worker_name = frame.get("name", "")
         self.models = [m for m in frame.get("models") or [] if isinstance(m, str)]
@@ -343,6 +363,10 @@ class WorkerLink:
                     "worker unresponsive uds=%s worker_pid=%s silent_secs=%.1f "
                     "next=reset connection", self.path, self.worker_pid, silent,
                 )
+                self._reset_reason = (
+                    f"inference worker pid={self.worker_pid} stopped answering pings for "
+                    f"{silent:.0f} s; the sidecar reset the connection"
+                )
                 proto.transport.abort()
                 return
             self.send({"t": "ping", "id": self._next_ping})
@@ -353,10 +377,12 @@ class WorkerLink:
         kills = _cgroup_oom_kills()
         if kills is not None and self._oom_kills_at_connect is not None:
             oom = oom or kills > self._oom_kills_at_connect
-        reason = (
-            f"inference worker pid={self.worker_pid} "
-            + ("ran out of memory" if oom else "closed the connection (crashed or stopped)")
-        )
+        if self._reset_reason:
+            reason = self._reset_reason
+        else:
+            reason = f"inference worker pid={self.worker_pid} " + (
+                "ran out of memory" if oom else "closed the connection (crashed or stopped)"
+            )
         if not self._closing:
             log.error(
                 "worker connection lost uds=%s worker_pid=%s oom=%s open_streams=%s "
@@ -374,6 +400,7 @@ class WorkerLink:
 
     def protocol_error(self, detail: str) -> None:
         """A malformed frame: reset the connection; its streams fail with INTERNAL."""
+        self._reset_reason = f"the sidecar reset the worker connection: {detail}"
         log.error(
             "worker protocol error uds=%s worker_pid=%s error=%r next=reset connection",
             self.path, self.worker_pid, detail,
@@ -394,12 +421,16 @@ class WorkerLink:
         proto = self._proto
         if proto is None or proto.transport is None or proto.transport.is_closing():
             return False
-        proto.transport.write(wire.encode(frame, self.max_frame_bytes))
+        proto.transport.write(wire.encode(frame, self.send_max))
         return True
 
     def dispatch(self, frame: dict) -> bool:
         """Route one frame from the worker. Returns False when the connection was reset."""
         kind = frame["t"]
+        hello = getattr(self, "_hello", None)
+        if kind != "hello" and hello is not None and not hello.done():
+            self.protocol_error(f"frame kind {kind!r} before the worker's hello")
+            return False
         if kind == "chunk":
             stream = self.streams.get(frame["s"])
             if stream is None:
@@ -430,8 +461,6 @@ class WorkerLink:
             stream = self.streams.pop(sid, None)
             if stream is None:
                 # An end racing our cancel is normal; anything else is a protocol error.
-                if sid < self._next_sid:
-                    return True
                 return self._unknown_stream(frame)
             stream.ended = True
             stream.push(frame)
@@ -466,10 +495,11 @@ class WorkerLink:
 
     def _unknown_stream(self, frame: dict) -> bool:
         sid = frame.get("s")
-        if sid is not None and sid < self._next_sid:
-            # A late frame for a stream we already ended (cancelled): drop it.
+        if sid in self._cancelled:
+            # A late frame for a stream we cancelled, racing the cancel: drop it.
             return True
-        self.protocol_error(f"frame kind={frame['t']!r} for unknown stream id {sid}")
+        what = "already ended" if self._first_sid <= sid < self._next_sid else "unknown"
+        self.protocol_error(f"frame kind={frame['t']!r} for {what} stream id {sid}")
         return False
 
     # -- streams ---------------------------------------------------------------------
@@ -492,6 +522,12 @@ class WorkerLink:
         """Tell the worker to stop a stream now. Its final end frame may still arrive."""
         if not stream.ended:
             self.send({"t": "cancel", "s": stream.sid})
+            cancelled = self._cancelled
+            cancelled[stream.sid] = time.monotonic()
+            if len(cancelled) > 4096:
+                horizon = time.monotonic() - 30.0
+                for sid in [k for k, at in cancelled.items() if at < horizon]:
+                    del cancelled[sid]
 
     def forget_stream(self, stream: Stream) -> None:
         """Stop routing frames to a stream; late frames for it are dropped."""
