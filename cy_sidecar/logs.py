@@ -22,12 +22,21 @@ import orjson
 _ROLE = "main"
 
 
+# Control characters from callers (a trace id with a newline) must not forge log lines.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _escape(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         line = (
             f"{ts}.{int(record.msecs):03d}Z {record.levelname.lower():<7} "
-            f"role={_ROLE} pid={record.process} logger={record.name} {record.getMessage()}"
+            f"role={_ROLE} pid={record.process} logger={record.name} "
+            f"{_escape(record.getMessage())}"
         )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)

@@ -31,6 +31,7 @@ MAX_STREAM_ID = (1 << 53) - 1  # exact in a JSON double, so no end can lose prec
 # would overflow a counter, the ledger's 64-bit integers or the Gateway's uint64 fields.
 MAX_CHUNK_TOKENS = 1 << 20
 MAX_USAGE_TOKENS = 1 << 31
+MAX_ETA_MS = 86_400_000  # a day
 
 ERROR_CODES = ("oom", "not_found", "invalid", "overloaded", "internal", "cancelled")
 WORKER_STATES = ("loading", "ready", "draining")
@@ -205,6 +206,10 @@ def check(frame: Any, allowed: frozenset[str]) -> dict:
         _check_usage(frame.get("usage"))
     elif kind == "hello":
         _check_hello(frame)
+    eta = frame.get("eta_ms") if "eta_ms" in schema else None
+    if eta is not None and not 0 <= eta <= MAX_ETA_MS:
+        raise FrameError(f"frame kind={kind!r} has eta_ms={eta!r} out of range "
+                         f"0..{MAX_ETA_MS}")
     if kind == "err" and frame["code"] not in ERROR_CODES:
         raise FrameError(f"err frame has unknown code {frame['code']!r}")
     if kind == "state" and frame["state"] not in WORKER_STATES:

@@ -40,13 +40,14 @@ from typing import Any, TextIO
 
 from cy_sidecar import exitcodes, logs
 from cy_sidecar.meter_store.ledger import (
-    COLUMNS, Ledger, LedgerError, LedgerStats, ledger_path,
+    COLUMNS, CommitResult, Ledger, LedgerError, LedgerStats, ledger_path,
 )
 from cy_sidecar.meter_store.slots import CLOSED, OPEN, MeterFile, MeterFileError
 
 log = logs.get("meter")
 
 STATUS_FILE = "meter-status.json"
+REJECTED_FILE = "rejected-records.jsonl"
 COMMIT_INTERVAL_SECS = 0.02
 TICK_SECS = 1.0
 LEDGER_RETRY_SECS = 1.0
@@ -277,6 +278,10 @@ class _Meter:
                 except LedgerError as exc:
                     self._ledger_failed(exc)
                     return new
+                except (OverflowError, ValueError, TypeError) as exc:
+                    # A record the ledger cannot store (a corrupt slot): it must neither
+                    # block every other record nor vanish.
+                    result = self._commit_one_by_one(records, source, exc)
                 for rec in records:
                     source.meter.free_slot(rec.region, rec.slot)
                 source.seen_closed = counts
@@ -293,6 +298,31 @@ class _Meter:
         if new and self._pending_estimate > self.cfg.offline_queue_size:
             self.compact()
         return new
+
+    def _commit_one_by_one(self, records: list[Any], source: _Source,
+                           first: Exception) -> CommitResult:
+        """Commit each record alone; set aside (in a JSON lines file) what cannot be stored."""
+        assert self.ledger is not None
+        rejected_path = os.path.join(self.cfg.state_dir, REJECTED_FILE)
+        log.error("commit_failed error=%r records=%s next=commit one by one", first,
+                  len(records))
+        committed: list[Any] = []
+        last = CommitResult(committed=[], skipped=0, last_seq=0, cumulative_delivered=0)
+        for rec in records:
+            try:
+                last = self.ledger.commit([rec], source.meter.boot_id)
+                committed += last.committed
+            except (OverflowError, ValueError, TypeError) as exc:
+                with open(rejected_path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps({"error": repr(exc), **dataclasses.asdict(rec)}) + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                log.error(
+                    "record_rejected record_id=%s error=%r kept_in=%s (not in the ledger; "
+                    "its counts are kept there for a human)", rec.record_id, exc,
+                    rejected_path,
+                )
+        return dataclasses.replace(last, committed=committed)
 
     def _count(self, committed: list[Any]) -> None:
         # Tokens by status are counted by the proxies when they close a record; here only

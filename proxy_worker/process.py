@@ -7,7 +7,8 @@ process holds the port), keeps its own connection to the inference worker, and w
 usage records into its own region of the shared-memory meter.
 
 Signals: SIGTERM drains (GOAWAY, streams may finish within ``drain_grace_secs``, the rest end
-with UNAVAILABLE and status ``shutdown``); SIGINT is ignored because Ctrl-C in a terminal
+with UNAVAILABLE and status ``shutdown``); SIGUSR1 does the same for a reload, except that a
+stream still arriving (on a connection made just before) is served, not refused; SIGINT is ignored because Ctrl-C in a terminal
 reaches the whole process group and the supervisor decides what happens. A proxy whose parent
 disappears drains and exits by itself.
 """
@@ -136,7 +137,14 @@ async def _main(cfg, index: int, region: int, meter_path: str, ready_fd: int) ->
     )
 
     stop = asyncio.Event()
+    retire = []  # SIGUSR1: replaced by a reload; streams that still arrive are served
+
+    def on_retire() -> None:
+        retire.append(True)
+        stop.set()
+
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, on_retire)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
     os.write(ready_fd, b"R")
@@ -159,8 +167,12 @@ async def _main(cfg, index: int, region: int, meter_path: str, ready_fd: int) ->
 
     # Drain: refuse new streams, let open ones finish within the grace period, then cut.
     grace = cfg.drain_grace_secs
-    log.info("proxy draining open_streams=%s grace_secs=%s", service.open_streams, grace)
-    service.draining = True
+    log.info("proxy draining open_streams=%s grace_secs=%s reason=%s", service.open_streams,
+             grace, "reload" if retire else "shutdown")
+    # On shutdown new streams are refused at once. On a reload a stream that reaches this
+    # process after its replacement listens (its connection was made just before) is
+    # still served; GOAWAY moves the callers' next streams to the new process.
+    service.draining = not retire
     await health_servicer.enter_graceful_shutdown()
     stopping = loop.create_task(server.stop(grace + 2.0))
     deadline = time.monotonic() + grace

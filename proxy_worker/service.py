@@ -30,6 +30,7 @@ import os
 import time
 
 import grpc
+import orjson
 from grpc_health.v1 import health_pb2
 
 from cy_sidecar import logs
@@ -44,6 +45,9 @@ log = logs.get("proxy.service")
 req_log = logs.get("proxy.request")
 
 SETTLE_TIMEOUT_SECS = 1.0
+FIRST_MESSAGE_TIMEOUT_SECS = 10.0
+DEADLINE_MARGIN_SECS = 0.05
+FRAME_MARGIN_BYTES = 64  # the stream id and credit fields added by the link
 RETRY_PUSHBACK_MS = 1000
 FIELD_MAX_BYTES = 126
 SERVICE_NAME = "cy.llm.AiInference"
@@ -161,6 +165,7 @@ class ProxyService(pb_grpc.AiInferenceServicer):
         self.max_prompt = cfg.max_prompt_bytes
         self.grace = cfg.reload_grace_secs
         self.open_streams = 0
+        self.opening = 0  # streams waiting for their first message
         self.draining = False
         self.active: set[wl.Stream] = set()
         self.settling: set[asyncio.Task] = set()
@@ -203,12 +208,27 @@ class ProxyService(pb_grpc.AiInferenceServicer):
     # -- StreamPredict ----------------------------------------------------------------
 
     async def StreamPredict(self, request_iterator, context):
-        req = await context.read()
-        if req is grpc.aio.EOF:
-            return
+        # A stream waiting for its first message holds a place under the limit too, and
+        # waits a bounded time: silent callers cannot pile up.
+        if self.open_streams + self.opening >= self.max_streams:
+            await self._refuse_over_limit(context)
+        self.opening += 1
+        try:
+            req = await self._first_message(context)
+        finally:
+            self.opening -= 1
         problem = validate(req, self.max_prompt)
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        frame = _request_frame(req)
+        size = len(orjson.dumps(frame)) + FRAME_MARGIN_BYTES
+        if size > self.link.send_max:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is {size} bytes as a worker frame (JSON escapes included), "
+                f"over the {self.link.send_max}-byte frame limit (server.max_frame_bytes, "
+                "or less if the inference worker accepts less)",
+            )
         if self.draining:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
@@ -216,12 +236,7 @@ class ProxyService(pb_grpc.AiInferenceServicer):
                 trailing_metadata=(("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),),
             )
         if self.open_streams >= self.max_streams:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"proxy pid={os.getpid()} has {self.open_streams} open streams, its limit "
-                "(server.max_concurrent_streams); retry after the pushback delay",
-                trailing_metadata=(("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),),
-            )
+            await self._refuse_over_limit(context)
         if self.link.state == wl.DEAD and not self._holding():
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
@@ -247,13 +262,40 @@ class ProxyService(pb_grpc.AiInferenceServicer):
         m.ACTIVE_CONNECTIONS.inc()
         started = time.monotonic()
         try:
-            await self._run_stream(req, rec, context, started)
+            await self._run_stream(req, frame, rec, context, started)
         finally:
             self.open_streams -= 1
             m.ACTIVE_CONNECTIONS.dec()
             if rec.status is not None:
                 self._request_done(req, rec, started)
             # Otherwise a settle task closes the record and calls _request_done.
+
+    async def _refuse_over_limit(self, context) -> None:
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"proxy pid={os.getpid()} has {self.open_streams + self.opening} open streams, "
+            "its limit (server.max_concurrent_streams); retry after the pushback delay",
+            trailing_metadata=(("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),),
+        )
+
+    async def _first_message(self, context) -> pb.StreamPredictRequest:
+        read = asyncio.ensure_future(context.read())
+        done, _ = await asyncio.wait((read,), timeout=FIRST_MESSAGE_TIMEOUT_SECS)
+        if not done:
+            # Aborting ends the call; the read then fails, and nobody needs its error.
+            read.add_done_callback(lambda t: t.cancelled() or t.exception())
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"no StreamPredictRequest within {FIRST_MESSAGE_TIMEOUT_SECS:.0f} s of "
+                "opening the stream",
+            )
+        req = read.result()
+        if req is grpc.aio.EOF:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the stream was closed before its first StreamPredictRequest",
+            )
+        return req
 
     def _request_done(self, req, rec: UsageRecord, started: float) -> None:
         """Metrics and the request log line of a stream, once its record is closed."""
@@ -296,9 +338,15 @@ class ProxyService(pb_grpc.AiInferenceServicer):
             await self.link.wait_state_change(0.25)
         return written
 
-    async def _run_stream(self, req, rec: UsageRecord, context, started: float) -> None:
+    async def _run_stream(self, req, frame: dict, rec: UsageRecord, context,
+                          started: float) -> None:
         remaining = context.time_remaining()
-        deadline = started + remaining if remaining is not None else None
+        # Our own timer fires a little before gRPC's, so that a deadline ends on our path:
+        # DEADLINE_EXCEEDED with the usage trailers and a `deadline` record.
+        deadline = (
+            started + remaining - min(DEADLINE_MARGIN_SECS, remaining / 10)
+            if remaining is not None else None
+        )
         trace_id = req.metadata.trace_id
         index = 0
         stream = None
@@ -325,7 +373,7 @@ class ProxyService(pb_grpc.AiInferenceServicer):
                         trailing_metadata=_usage_trailers(rec)
                         + (("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),),
                     )
-            stream = self.link.open_stream(_request_frame(req))
+            stream = self.link.open_stream(frame)
             stream.on_chunk = lambda f: rec.on_generated(f["n"], f.get("p"))
             self.active.add(stream)
             async with asyncio.timeout_at(
@@ -432,7 +480,7 @@ class ProxyService(pb_grpc.AiInferenceServicer):
         except asyncio.CancelledError:
             # The caller cancelled (or its connection went away).
             status = "cancelled"
-            if deadline is not None and time.monotonic() >= deadline - 0.005:
+            if deadline is not None and time.monotonic() >= deadline - DEADLINE_MARGIN_SECS:
                 status = "deadline"
             if stream is not None:
                 self.link.cancel_stream(stream)

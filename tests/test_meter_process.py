@@ -493,3 +493,28 @@ def test_backoff_doubles_from_half_a_second_to_thirty_with_jitter():
     low, high = Backoff(rng=lambda: 0.0), Backoff(rng=lambda: 1.0)
     assert low.failure() == pytest.approx(0.4) and high.failure() == pytest.approx(0.6)
     assert all(0.4 <= Backoff().failure() <= 0.6 for _ in range(50))
+
+
+def test_a_record_the_ledger_cannot_store_is_set_aside_and_blocks_nothing(make_env):
+    env = make_env()
+    sink = env.start_sink()
+    env.start_meter()
+    good_before = env.writer.write(3)
+    # A corrupt slot: a count beyond SQLite's 64-bit integers (no proxy writes this; the
+    # worker protocol bounds every count, but a damaged meter file must not stop the meter).
+    region, slot = env.writer.meter.slots_in_state(FREE, 0)[0]
+    base = env.writer.meter.open_slot(region, slot, uuid.uuid4().bytes, "llama", "t1",
+                                      "corrupt", time.time_ns() // 1_000_000)
+    env.writer.meter.set_counts(base, 1 << 63, 1, 1)
+    env.writer.meter.close_slot(region, slot, "finished", "stop")
+    good_after = env.writer.write(3)
+
+    got = wait_accepted(sink, 6)
+    assert {r["record_id"] for r in got} == set(good_before + good_after)
+    rejected = os.path.join(env.state, "rejected-records.jsonl")
+    wait_until(lambda: os.path.exists(rejected), what="the rejected-records file")
+    with open(rejected, encoding="utf-8") as fh:
+        lines = [json.loads(line) for line in fh]
+    assert len(lines) == 1 and lines[0]["trace_id"] == "corrupt"
+    assert lines[0]["prompt_tokens"] == 1 << 63
+    assert env.writer.meter.slot_state(region, slot) == FREE
