@@ -324,6 +324,7 @@ class WorkerLink:
                         self.path, reason)
             proto.transport.close()
             self._proto = None
+            self._set_state(DEAD)
             if self._on_connect_error:
                 self._on_connect_error()
             return False
@@ -332,6 +333,7 @@ class WorkerLink:
                       f"hello from role {frame['role']!r}, expected 'worker'")
             proto.transport.abort()
             self._proto = None
+            self._set_state(DEAD)
             return False
         self.send_max = min(self.max_frame_bytes, frame.get("max_frame") or self.send_max)
         self.worker_pid = frame.get("pid", 0)

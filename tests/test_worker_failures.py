@@ -146,6 +146,8 @@ def test_a_stalled_worker_ends_at_the_deadline_with_a_deadline_record(running):
                 tokens=0, demo_tokens=100, demo_fault="stall", demo_fault_after=2,
                 trace_id="stalled")]), timeout=1.5))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Ended by the sidecar's own timer, just before gRPC's: the usage trailers arrive too.
+    assert dict(err.value.trailing_metadata())["cy-usage-status"] == "deadline"
     rec = record_for(running, "stalled")
     assert rec["status"] == "deadline" and rec["delivered_tokens"] == 2
 

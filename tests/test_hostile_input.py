@@ -1,0 +1,228 @@
+"""Hostile or broken peers on both sides: clear errors, nothing lost, the sidecar serves on."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import threading
+
+import grpc
+import pytest
+
+from cy_sidecar import wire
+from cy_sidecar.protos import cy_llm_pb2 as pb
+from cy_sidecar.protos import cy_llm_pb2_grpc as pb_grpc
+
+from helpers import collect, new_channel, record_for, request, wait_until
+
+
+class ScriptedWorker:
+    """A fake inference worker whose reply to each request is chosen by meta.extra["case"].
+
+    Unlike the demo worker it can say things the SDK never would (a prompt count beyond
+    any integer type, a bad hello), which is exactly what the sidecar must survive.
+    """
+
+    def __init__(self, path: str, hello: dict | None = None):
+        self.path = path
+        self.hello = hello or {}
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(
+            asyncio.start_unix_server(self._serve, self.path))
+        self.ready.set()
+        self.loop.run_forever()
+
+    async def _serve(self, reader, writer) -> None:
+        decoder = wire.FrameDecoder(wire.FROM_PROXY)
+        hello = {"t": "hello", "v": 1, "role": "worker", "pid": os.getpid(),
+                 "models": ["demo"], "state": "ready", "name": "scripted"}
+        hello.update(self.hello)
+        try:
+            while data := await reader.read(65536):
+                for frame in decoder.feed(data):
+                    if frame["t"] == "hello":
+                        writer.write(wire.encode(hello))
+                    elif frame["t"] == "ping":
+                        writer.write(wire.encode({"t": "pong", "id": frame["id"]}))
+                    elif frame["t"] == "req":
+                        self._reply(frame, writer)
+                await writer.drain()
+        except (ConnectionError, wire.FrameError):
+            pass
+        finally:
+            writer.close()
+
+    def _reply(self, req: dict, writer) -> None:
+        sid = req["s"]
+        case = req["meta"]["extra"].get("case", "ok")
+        chunk = {"t": "chunk", "s": sid, "text": "word ", "n": 1}
+        frames = [dict(chunk), dict(chunk)]
+        if case == "p_huge":
+            frames.append({**chunk, "p": 1 << 63})
+        elif case == "p_negative":
+            frames.append({**chunk, "p": -1})
+        elif case == "usage_huge":
+            frames.append({"t": "end", "s": sid, "reason": "stop",
+                           "usage": {"prompt_tokens": (1 << 64) - 1, "completion_tokens": 2}})
+        elif case == "usage_bool":
+            frames.append({"t": "end", "s": sid, "reason": "stop",
+                           "usage": {"prompt_tokens": True, "completion_tokens": 2}})
+        elif case == "after_end":
+            frames.append({"t": "end", "s": sid, "reason": "stop", "usage": {}})
+            frames.append(dict(chunk))
+        if case == "ok":
+            frames.append({"t": "end", "s": sid, "reason": "stop",
+                           "usage": {"prompt_tokens": 2, "completion_tokens": 2}})
+        for frame in frames:
+            # Encoded by hand: wire.encode would refuse nothing here, the peer must.
+            writer.write(wire.encode(frame))
+
+    def close(self) -> None:
+        async def shutdown():
+            self.server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def scripted(stack):
+    stack.worker.stop()
+    if os.path.exists(stack.worker_path):
+        os.unlink(stack.worker_path)
+    worker = ScriptedWorker(stack.worker_path)
+    stack.start_sidecar(procs=1)
+    yield stack
+    worker.close()
+
+
+@pytest.mark.parametrize("case", ["p_huge", "p_negative", "usage_huge", "usage_bool",
+                                  "after_end"])
+def test_impossible_counts_from_the_worker_reset_the_connection_and_block_nothing(scripted,
+                                                                                  case):
+    with new_channel(scripted.target) as channel:
+        stub = pb_grpc.AiInferenceStub(channel)
+        if case == "after_end":
+            assert collect(stub.StreamPredict(iter([request(case=case, trace_id=case)]),
+                                              timeout=10))["tokens"] == 2
+        else:
+            with pytest.raises(grpc.RpcError) as err:
+                collect(stub.StreamPredict(iter([request(case=case, trace_id=case)]),
+                                           timeout=10))
+            assert err.value.code() == grpc.StatusCode.INTERNAL
+            assert "malformed frame" in err.value.details()
+        # The proxy reconnects and the meter commits later records: nothing is blocked.
+        ok = wait_until(lambda: _try(stub, "after"), timeout=10, what="service again")
+        assert ok["tokens"] == 2
+    rec = record_for(scripted, case)
+    assert rec["delivered_tokens"] == 2 and rec["prompt_tokens"] < 1 << 31
+    assert record_for(scripted, "after")["status"] == "finished"
+    assert "worker protocol error" in scripted.sidecar.text()
+
+
+def _try(stub, trace_id):
+    try:
+        return collect(stub.StreamPredict(iter([request(trace_id=trace_id)]), timeout=5))
+    except grpc.RpcError:
+        return None
+
+
+@pytest.mark.parametrize("hello, problem", [
+    ({"v": 2}, "unsupported protocol version"),
+    ({"role": "proxy"}, "expected 'worker'"),
+    ({"state": "exploded"}, "hello has state"),
+])
+def test_a_bad_hello_is_refused_and_retried_not_half_accepted(stack, hello, problem):
+    stack.worker.stop()
+    if os.path.exists(stack.worker_path):
+        os.unlink(stack.worker_path)
+    worker = ScriptedWorker(stack.worker_path, hello=hello)
+    try:
+        stack.start_sidecar(procs=1)
+        stack.sidecar.wait_for(problem, timeout=10)
+        with new_channel(stack.target) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                collect(pb_grpc.AiInferenceStub(channel).StreamPredict(
+                    iter([request()]), timeout=5))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        worker.close()
+
+
+def test_a_stream_closed_before_its_first_message_is_invalid_argument(running):
+    with new_channel(running.target) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            collect(pb_grpc.AiInferenceStub(channel).StreamPredict(iter([]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "before its first StreamPredictRequest" in err.value.details()
+
+
+def test_silent_streams_count_against_the_stream_limit(stack):
+    stack.write_config(**{"server.max_concurrent_streams": 2})
+    stack.start_sidecar(procs=1)
+    with new_channel(stack.target) as channel:
+        stub = pb_grpc.AiInferenceStub(channel)
+        never = threading.Event()
+
+        def silent():
+            never.wait(10)
+            return
+            yield  # a request iterator that sends nothing until the test ends
+
+        calls = [stub.StreamPredict(silent(), timeout=20) for _ in range(2)]
+        wait_until(lambda: _refused(stub), timeout=10, what="a third stream to be refused")
+        never.set()
+        for call in calls:
+            call.cancel()
+
+
+def _refused(stub) -> bool:
+    try:
+        collect(stub.StreamPredict(iter([request()]), timeout=5))
+    except grpc.RpcError as exc:
+        return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    return False
+
+
+def test_a_request_too_large_as_a_frame_is_refused_by_name(running):
+    prompt = "\x01" * 200_000  # within max_prompt_bytes, six times that as escaped JSON
+    with new_channel(running.target) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            collect(pb_grpc.AiInferenceStub(channel).StreamPredict(
+                iter([request(prompt=prompt)]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "frame limit" in err.value.details()
+
+
+def test_a_newline_in_a_trace_id_cannot_forge_a_log_line(running):
+    forged = "x\n2026-01-01T00:00:00.000Z error   role=supervisor FAKE proxy killed"
+    with new_channel(running.target) as channel:
+        collect(pb_grpc.AiInferenceStub(channel).StreamPredict(
+            iter([request(tokens=2, trace_id=forged)]), timeout=10))
+    running.sidecar.wait_for(r"request done trace_id=x\\x0a")
+    assert not any(line.startswith("2026-01-01") for _, line in running.sidecar.lines)
+
+
+def test_a_control_socket_path_that_is_not_a_socket_is_never_deleted(stack):
+    from cy_sidecar.localrun import cli
+
+    precious = os.path.join(stack.root, "precious.db")
+    with open(precious, "w") as fh:
+        fh.write("keep me")
+    stack.write_config(**{"server.control_socket": precious})
+    proc = subprocess.run(cli("start", "--config", stack.config_path), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0 and "not a socket" in proc.stderr
+    assert open(precious).read() == "keep me"
