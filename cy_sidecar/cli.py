@@ -150,7 +150,10 @@ def _control(config: Optional[str], cmd: str) -> dict:
     except ControlError as exc:
         fail(str(exc), exitcodes.UNAVAILABLE)
     if not reply.get("ok"):
-        fail(reply.get("error", "the sidecar refused the command"), exitcodes.FAILURE)
+        # The supervisor names why it refused (e.g. "config" for a reload with a bad config);
+        # an older supervisor without the field gets the generic code.
+        code = {"config": exitcodes.CONFIG}.get(reply.get("reason"), exitcodes.FAILURE)
+        fail(reply.get("error", "the sidecar refused the command"), code)
     return reply
 
 
@@ -289,11 +292,29 @@ def usage_export(
     from cy_sidecar.meter_store.process import export_records
 
     if out:
-        with open(out, "w", encoding="utf-8", newline="") as fh:
+        try:
+            fh = open(out, "w", encoding="utf-8", newline="")
+        except OSError as exc:
+            fail(f"--out {out} cannot be written: {_why_not_writable(out, exc)}",
+                 exitcodes.CANT_CREATE)
+        with fh:
             count = _ledger_call(export_records, cfg.state_dir, fmt, fh)
         typer.echo(f"wrote {count} rows to {out}", err=True)
     else:
         _ledger_call(export_records, cfg.state_dir, fmt, sys.stdout)
+
+
+def _why_not_writable(path: str, exc: OSError) -> str:
+    import os
+
+    if os.path.isdir(path):
+        return "it is a directory (expected a file name)"
+    parent = os.path.dirname(path) or "."
+    if not os.path.exists(parent):
+        return f"the directory {parent} does not exist"
+    if not os.path.isdir(parent):
+        return f"{parent} is not a directory"
+    return exc.strerror or str(exc)
 
 
 @usage_app.command("flush")

@@ -11,7 +11,9 @@ naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import tomllib
 from typing import Any, Callable
 
@@ -24,11 +26,52 @@ class ConfigError(ValueError):
     """A configuration value that is not allowed; str() is the one-line explanation."""
 
 
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_HOSTNAME_HINT = "a host name of letters, digits, dots and hyphens"
+# A frame carries a request's prompt plus its other fields (model, parameters, metadata);
+# this much of max_frame_bytes is kept for them.
+FRAME_HEADROOM_BYTES = 65536
+# sun_path holds 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+
+
+def _is_ip(text: str, version: int) -> bool:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return address.version == version
+
+
+def _is_hostname(text: str) -> bool:
+    name = text[:-1] if text.endswith(".") else text
+    if not name or len(name) > 253:
+        return False
+    if set(name) <= set("0123456789."):
+        return False  # digits and dots only: meant as an IPv4 address, and it is not one
+    return all(_HOST_LABEL.fullmatch(label) for label in name.split("."))
+
+
 def _host_port(value: str) -> str | None:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if (not sep or not host or not (port.isascii() and port.isdigit())
+            or not 0 < int(port) < 65536):
         return "host:port with a port from 1 to 65535, e.g. 0.0.0.0:50051"
+    if host.startswith("[") and host.endswith("]"):
+        ok = _is_ip(host[1:-1], 6)
+    else:
+        ok = _is_ip(host, 4) or _is_hostname(host)
+    if not ok:
+        return (f"host:port whose host is an IPv4 address, a bracketed IPv6 address such as "
+                f"[::] or {_HOSTNAME_HINT}, e.g. 0.0.0.0:50051")
     return None
+
+
+def _host(value: str) -> str | None:
+    if _is_ip(value, 4) or _is_ip(value, 6) or _is_hostname(value):
+        return None
+    return (f"an IP address (IPv6 without brackets, e.g. ::) or {_HOSTNAME_HINT}, "
+            "e.g. 0.0.0.0")
 
 
 def _upload_target(value: str) -> str | None:
@@ -38,9 +81,22 @@ def _upload_target(value: str) -> str | None:
 def _unix_url(value: str) -> str | None:
     if not value.startswith("unix://") or len(value) <= len("unix://"):
         return "unix://PATH, e.g. unix:///tmp/cy_worker.sock"
-    if len(socket_path(value).encode()) > 107:
-        return "a socket path of at most 107 bytes"
+    return _socket_path_problem(socket_path(value))
+
+
+def _socket_path_problem(path: str) -> str | None:
+    if "\0" in path:
+        return "a socket path without NUL bytes"
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        return f"a socket path of at most {MAX_SOCKET_PATH_BYTES} bytes"
     return None
+
+
+def _control_socket(value: str) -> str | None:
+    if value == "":
+        return None
+    problem = _socket_path_problem(value)
+    return f"empty (<state_dir>/control.sock) or {problem}" if problem else None
 
 
 def _between(lo: float, hi: float) -> Callable[[Any], str | None]:
@@ -58,7 +114,7 @@ def _one_of(*choices: str) -> Callable[[Any], str | None]:
 
 
 def _path(value: str) -> str | None:
-    return None if value.strip() else "a non-empty path"
+    return None if value.strip() and "\0" not in value else "a non-empty path without NUL bytes"
 
 
 def _any(value: Any) -> str | None:
@@ -87,7 +143,8 @@ SETTINGS: tuple[Setting, ...] = (
             "SIDECAR_MAX_CONCURRENT_STREAMS",
             "open StreamPredict calls per proxy process; more get RESOURCE_EXHAUSTED"),
     Setting("server", "max_prompt_bytes", int, 262_144, _between(1, 8 << 20),
-            "SIDECAR_MAX_PROMPT_BYTES", "longest prompt accepted, in UTF-8 bytes"),
+            "SIDECAR_MAX_PROMPT_BYTES",
+            "longest prompt accepted, in UTF-8 bytes; at most max_frame_bytes - 65536"),
     Setting("server", "max_frame_bytes", int, 1 << 20, _between(4096, 16 << 20),
             "SIDECAR_MAX_FRAME_BYTES", "largest frame on the worker socket"),
     Setting("server", "stream_window", int, 64, _between(1, 65_536), "SIDECAR_STREAM_WINDOW",
@@ -103,8 +160,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "keepalive_timeout_secs", float, 10.0, _between(1, 600),
             "SIDECAR_KEEPALIVE_TIMEOUT_SECS",
             "close a Gateway connection whose ping is unanswered this long"),
-    Setting("server", "control_socket", str, "", _any, "SIDECAR_CONTROL_SOCKET",
-            "socket of `cy-sidecar status/stop/reload`; empty: <state_dir>/control.sock"),
+    Setting("server", "control_socket", str, "", _control_socket, "SIDECAR_CONTROL_SOCKET",
+            "socket of `cy-sidecar status/stop/reload`; empty: <state_dir>/control.sock; "
+            "at most 107 bytes"),
     Setting("metering", "enabled", bool, True, _any, "SIDECAR_METERING",
             "meter tokens; false only for benchmarks (no usage records at all)"),
     Setting("metering", "batch_interval_secs", float, 10.0, _between(0.05, 86_400),
@@ -131,9 +189,10 @@ SETTINGS: tuple[Setting, ...] = (
             "SIDECAR_RELOAD_GRACE_SECS",
             "how long requests are held while the worker loads or reconnects"),
     Setting("observability", "metrics_port", int, 9090, _between(0, 65535),
-            "SIDECAR_METRICS_PORT", "Prometheus /metrics port on 0.0.0.0; 0 disables"),
-    Setting("observability", "metrics_host", str, "0.0.0.0", _any, "SIDECAR_METRICS_HOST",
-            "address the metrics endpoint binds"),
+            "SIDECAR_METRICS_PORT",
+            "Prometheus /metrics port (on observability.metrics_host); 0 disables"),
+    Setting("observability", "metrics_host", str, "0.0.0.0", _host, "SIDECAR_METRICS_HOST",
+            "address the metrics endpoint binds: an IP address or a host name"),
     Setting("observability", "log_level", str, "info", _one_of(*LOG_LEVELS),
             "SIDECAR_LOG_LEVEL", "debug, info, warning or error"),
     Setting("observability", "log_format", str, "text", _one_of(*LOG_FORMATS),
@@ -183,6 +242,7 @@ class Config:
             setting = _find(key)
             values[setting.section][key] = _validate(setting, value, "command line")
             sources[f"{setting.section}.{key}"] = "command line"
+        _check_together(values, sources)
         return Config(values, sources, self.path)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
@@ -252,6 +312,12 @@ def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
             raise ConfigError(f"config file {path} does not exist") from None
         except OSError as exc:
             raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            line = exc.object.count(b"\n", 0, exc.start) + 1
+            raise ConfigError(
+                f"config file {path} is not valid UTF-8 TOML: {exc.reason} "
+                f"0x{exc.object[exc.start]:02x} on line {line} (byte offset {exc.start})"
+            ) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         for section, keys in data.items():
@@ -274,7 +340,41 @@ def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
         if s.env and s.env in env:
             values[s.section][s.key] = _validate(s, env[s.env], f"env {s.env}")
             sources[f"{s.section}.{s.key}"] = f"env {s.env}"
+    _check_together(values, sources)
     return Config(values, sources, path)
+
+
+def _check_together(values: dict[str, dict[str, Any]], sources: dict[str, str]) -> None:
+    """Checks that involve more than one key; each error names every key involved."""
+
+    def said(section: str, key: str) -> str:
+        name = f"{section}.{key}"
+        return f"{name} = {values[section][key]!r} ({sources[name]})"
+
+    server, metering = values["server"], values["metering"]
+    if server["max_prompt_bytes"] + FRAME_HEADROOM_BYTES > server["max_frame_bytes"]:
+        raise ConfigError(
+            f"{said('server', 'max_prompt_bytes')} and {said('server', 'max_frame_bytes')} "
+            f"are not allowed together: expected max_prompt_bytes + {FRAME_HEADROOM_BYTES} "
+            "<= max_frame_bytes, so that a request with the longest prompt fits in one frame"
+        )
+    if not server["control_socket"]:
+        derived = os.path.join(metering["state_dir"], "control.sock")
+        if len(os.fsencode(derived)) > MAX_SOCKET_PATH_BYTES:
+            raise ConfigError(
+                f"{said('metering', 'state_dir')} is not allowed with "
+                f"{said('server', 'control_socket')}: the control socket {derived} would be "
+                f"{len(os.fsencode(derived))} bytes long, expected at most "
+                f"{MAX_SOCKET_PATH_BYTES} (use a shorter state_dir or set "
+                "server.control_socket)"
+            )
+    metrics_port = values["observability"]["metrics_port"]
+    bind_port = int(server["bind_addr"].rpartition(":")[2])
+    if metrics_port and metrics_port == bind_port:
+        raise ConfigError(
+            f"{said('server', 'bind_addr')} and {said('observability', 'metrics_port')} "
+            "are not allowed together: expected two different ports"
+        )
 
 
 def render_toml(cfg: Config | None = None) -> str:

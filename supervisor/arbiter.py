@@ -171,8 +171,22 @@ class Supervisor:
 
     def prepare(self) -> None:
         """Everything that can fail before a child exists; raises StartupError."""
+        # Signals first: from here on a SIGTERM or SIGINT is recorded and run() stops
+        # cleanly on it, instead of the default action killing a half-started sidecar.
+        self._install_signal_handlers()
+        if os.path.exists(self.state_dir) and not os.path.isdir(self.state_dir):
+            raise StartupError(
+                f"metering.state_dir {self.state_dir!r} is not a directory (a file of that "
+                "name exists)", exitcodes.CANT_CREATE,
+            )
         try:
             os.makedirs(self.state_dir, mode=0o750, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(
+                f"metering.state_dir {self.state_dir!r} cannot be created: {exc.strerror}",
+                exitcodes.CANT_CREATE,
+            ) from None
+        try:
             probe = os.path.join(self.state_dir, ".write-test")
             with open(probe, "w") as fh:
                 fh.write("ok")
@@ -186,14 +200,18 @@ class Supervisor:
         check_port_free(self.cfg.bind_addr, "server.bind_addr")
         if self.cfg.metrics_port:
             check_port_free(f"{self.cfg.metrics_host}:{self.cfg.metrics_port}",
-                            "observability.metrics_port")
+                            "observability.metrics_host/metrics_port")
         self._check_not_running()
 
         # Multiprocess metrics: wipe what an earlier run left, before anyone imports
         # prometheus_client, so a restart does not add the previous run's values again.
         metrics_dir = os.path.join(self.state_dir, "metrics")
         shutil.rmtree(metrics_dir, ignore_errors=True)
-        os.makedirs(metrics_dir, mode=0o750)
+        try:
+            os.makedirs(metrics_dir, mode=0o750)
+        except OSError as exc:
+            raise StartupError(f"metrics directory {metrics_dir} cannot be created: "
+                               f"{exc.strerror}", exitcodes.CANT_CREATE) from None
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
 
         geometry = slots.Geometry(
@@ -213,16 +231,61 @@ class Supervisor:
 
         self._open_control_socket()
 
-    def _check_not_running(self) -> None:
-        path = self.cfg.control_path
-        if not os.path.exists(path):
+    def _install_signal_handlers(self) -> None:
+        """Record SIGTERM, SIGINT, SIGHUP, SIGCHLD and SIGQUIT; run() dispatches them."""
+        if self._wake_r >= 0:
             return
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
+                    signal.SIGQUIT):
+            signal.signal(sig, self._record_signal)
+
+    def _check_not_running(self) -> None:
+        """Refuse a live control socket; remove a stale one; never touch anything else."""
+        import stat
+
+        path = self.cfg.control_path
+        key = "server.control_socket" if self.cfg.control_socket else "<state_dir>/control.sock"
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StartupError(f"control socket {path} cannot be checked: {exc.strerror}",
+                               exitcodes.CANT_CREATE) from None
+        if not stat.S_ISSOCK(mode):
+            kind = ("a directory" if stat.S_ISDIR(mode)
+                    else "a symbolic link" if stat.S_ISLNK(mode)
+                    else "a regular file" if stat.S_ISREG(mode) else "another kind of file")
+            raise StartupError(
+                f"control socket path {path} ({key}) exists and is not a socket (it is "
+                f"{kind}); cy-sidecar will not remove it: move it away or set "
+                "server.control_socket to another path",
+                exitcodes.CANT_CREATE,
+            )
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(2.0)
         try:
             probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale socket of a sidecar that is gone
+        except ConnectionRefusedError:
+            # Nobody listens: the stale socket of a sidecar that is gone.
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise StartupError(f"stale control socket {path} cannot be removed: "
+                                   f"{exc.strerror}", exitcodes.CANT_CREATE) from None
             return
+        except (TimeoutError, BlockingIOError):
+            pass  # a listener too busy to accept: a sidecar is running
+        except OSError as exc:
+            raise StartupError(
+                f"control socket {path} ({key}) exists and cannot be probed: {exc.strerror}; "
+                "cy-sidecar will not remove it (another program's socket?)",
+                exitcodes.UNAVAILABLE,
+            ) from None
         finally:
             probe.close()
         raise StartupError(
@@ -238,8 +301,9 @@ class Supervisor:
         try:
             sock.bind(path)
         except OSError as exc:
-            raise StartupError(f"control socket {path} cannot be created: {exc.strerror}",
-                               exitcodes.CANT_CREATE) from None
+            sock.close()
+            raise StartupError(f"control socket {path} cannot be created: "
+                               f"{exc.strerror or exc}", exitcodes.CANT_CREATE) from None
         finally:
             os.umask(old_umask)
         os.chmod(path, 0o600)
@@ -249,11 +313,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Start every child, supervise until stopped. Returns the process exit code."""
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(self._wake_w)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
-                    signal.SIGQUIT):
-            signal.signal(sig, self._record_signal)
+        self._install_signal_handlers()  # normally done by prepare()
         self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         self.sel.register(self.control, selectors.EVENT_READ, "control")
 
@@ -262,10 +322,19 @@ class Supervisor:
             "metrics_port=%s", self.procs, self.cfg.bind_addr, self.cfg.worker_uds,
             self.state_dir, self.cfg.metrics_port,
         )
-        _preload_child_modules()
-        self.spawn("meter", 0)
-        for index in range(self.procs):
-            self.spawn("proxy", index)
+        stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+        early = [sig for sig in self.signals if sig in stop_signals]
+        if early:
+            # Asked to stop while starting: start no child; the loop below ends at once.
+            self.signals.remove(early[0])
+            log.info("supervisor stopping signal=%s before starting any child",
+                     signal.Signals(early[0]).name)
+            self.begin_stop()
+        else:
+            _preload_child_modules()
+            self.spawn("meter", 0)
+            for index in range(self.procs):
+                self.spawn("proxy", index)
 
         while True:
             timeout = TICK_SECS
@@ -528,7 +597,9 @@ class Supervisor:
             log.error("reload refused reason=%s error=%r next=keep running the old config",
                       why, str(exc))
             self._event("error", f"reload refused: {exc}")
-            return {"ok": False, "error": str(exc)}
+            return {"ok": False, "reason": "config",
+                    "error": f"reload refused, the sidecar keeps its current configuration: "
+                             f"{exc}"}
         self.notifier.reloading()
         self.reload_ready_due = True
         log.info("reload starting reason=%s procs=%s", why, self.procs)

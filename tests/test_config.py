@@ -28,7 +28,8 @@ def test_the_shipped_sidecar_toml_is_valid_and_equals_the_defaults():
 
 def test_environment_overrides_the_file_and_says_so(tmp_path):
     path = tmp_path / "s.toml"
-    path.write_text('[server]\nbind_addr = "127.0.0.1:7000"\n[observability]\nlog_level = "warning"\n')
+    path.write_text('[server]\nbind_addr = "127.0.0.1:7000"\n'
+                    '[observability]\nlog_level = "warning"\n')
     cfg = config.load(str(path), env={"SIDECAR_LOG_LEVEL": "debug"})
     assert cfg.bind_addr == "127.0.0.1:7000"
     assert cfg.sources["server.bind_addr"] == f"file {path}"
@@ -71,3 +72,98 @@ def test_the_readme_documents_every_setting():
     readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
     for s in config.SETTINGS:
         assert f"`{s.section}.{s.key}`" in readme, f"{s.section}.{s.key} is not in README"
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[metering]\n\nsidecar_id = "n\xf6de"\n')
+    with pytest.raises(config.ConfigError) as err:
+        config.load(str(path), env={})
+    message = str(err.value)
+    assert message.startswith(f"config file {path} is not valid UTF-8 TOML: ")
+    assert "0xf6 on line 3" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "value, ok",
+    [("0.0.0.0:50051", True), ("[::]:50051", True), ("[::1]:1", True),
+     ("localhost:50051", True), ("gpu-node-7.example.:65535", True),
+     ("1.2.3.4:5000:6", False), ("::1:50051", False), ("[127.0.0.1]:50051", False),
+     ("999.1.1.1:50051", False), ("1.2.3:50051", False), ("-node:50051", False),
+     ("node_1:50051", False), ("a..b:50051", False), (":50051", False),
+     ("127.0.0.1:0", False), ("127.0.0.1:65536", False), ("127.0.0.1", False)],
+)
+def test_bind_addr_and_upload_target_hosts(value, ok):
+    for name in ("SIDECAR_BIND_ADDR", "SIDECAR_UPLOAD_TARGET"):
+        if ok:
+            config.load(None, env={name: value})
+            continue
+        with pytest.raises(config.ConfigError) as err:
+            config.load(None, env={name: value})
+        assert f"= {value!r} (env {name}) is not allowed: expected host:port" in str(err.value)
+
+
+@pytest.mark.parametrize("value, ok", [("0.0.0.0", True), ("::", True), ("::1", True),
+                                       ("localhost", True), ("[::]", False), ("", False),
+                                       ("127.0.0.1:9090", False), ("two words", False)])
+def test_metrics_host_is_an_ip_address_or_a_host_name(value, ok):
+    env = {"SIDECAR_METRICS_HOST": value}
+    if ok:
+        assert config.load(None, env=env).metrics_host == value
+        return
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, env=env)
+    assert str(err.value).startswith(f"observability.metrics_host = {value!r} ")
+    assert "metrics_port" not in str(err.value)
+
+
+def test_socket_paths_longer_than_107_bytes_are_refused_naming_the_key():
+    fits = "/tmp/" + "c" * (107 - len("/tmp/"))
+    assert config.load(None, env={"SIDECAR_CONTROL_SOCKET": fits}).control_path == fits
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, env={"SIDECAR_CONTROL_SOCKET": fits + "c"})
+    assert str(err.value).startswith("server.control_socket = ")
+    assert "at most 107 bytes" in str(err.value)
+
+    state_fits = "/tmp/" + "s" * (107 - len("/tmp/") - len("/control.sock"))
+    assert len(config.load(None, env={"SIDECAR_STATE_DIR": state_fits}).control_path) == 107
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, env={"SIDECAR_STATE_DIR": state_fits + "s"})
+    message = str(err.value)
+    assert message.startswith(f"metering.state_dir = {state_fits + 's'!r} (env SIDECAR_STATE_DIR)")
+    assert "server.control_socket = '' (default)" in message and "108 bytes" in message
+    # A short control_socket of its own makes a long state_dir fine.
+    cfg = config.load(None, env={"SIDECAR_STATE_DIR": state_fits + "s" * 50,
+                                 "SIDECAR_CONTROL_SOCKET": "/tmp/c.sock"})
+    assert cfg.control_path == "/tmp/c.sock"
+
+
+def test_a_prompt_must_fit_in_a_frame_with_room_for_the_rest(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text("[server]\nmax_frame_bytes = 131072\n")
+    assert config.load(str(path), env={"SIDECAR_MAX_PROMPT_BYTES": "65536"}).max_prompt_bytes \
+        == 65536
+    with pytest.raises(config.ConfigError) as err:
+        config.load(str(path), env={"SIDECAR_MAX_PROMPT_BYTES": "65537"})
+    assert str(err.value) == (
+        f"server.max_prompt_bytes = 65537 (env SIDECAR_MAX_PROMPT_BYTES) and "
+        f"server.max_frame_bytes = 131072 (file {path}) are not allowed together: expected "
+        "max_prompt_bytes + 65536 <= max_frame_bytes, so that a request with the longest "
+        "prompt fits in one frame"
+    )
+
+
+def test_the_grpc_port_and_the_metrics_port_must_differ():
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, env={"SIDECAR_BIND_ADDR": "127.0.0.1:9090"})
+    assert "server.bind_addr = '127.0.0.1:9090' (env SIDECAR_BIND_ADDR) and " \
+        "observability.metrics_port = 9090 (default)" in str(err.value)
+    config.load(None, env={"SIDECAR_BIND_ADDR": "127.0.0.1:9090", "SIDECAR_METRICS_PORT": "0"})
+
+
+def test_command_line_overrides_get_the_same_checks():
+    cfg = config.load(None, env={})
+    assert cfg.with_overrides(procs=3).procs == 3
+    with pytest.raises(config.ConfigError) as err:
+        cfg.with_overrides(max_prompt_bytes=1 << 20)
+    assert "server.max_prompt_bytes = 1048576 (command line)" in str(err.value)
