@@ -65,7 +65,7 @@ class Stream:
 
     __slots__ = (
         "sid", "queue", "waiter", "credit_owed", "window", "received", "link", "ended",
-        "on_chunk",
+        "tokens", "prompt",
     )
 
     def __init__(self, link: "WorkerLink", sid: int, window: int):
@@ -77,7 +77,10 @@ class Stream:
         self.credit_owed = 0
         self.received = 0  # chunk frames received minus credit returned: at most window
         self.ended = False
-        self.on_chunk: Callable[[dict], None] | None = None
+        # What the worker sent on this stream: tokens in all chunk frames, prompt tokens
+        # if it said. Kept here, per frame, so that the consumer meters once per message.
+        self.tokens = 0
+        self.prompt = 0
 
     def push(self, event) -> None:
         self.queue.append(event)
@@ -444,8 +447,10 @@ class WorkerLink:
                     f"({stream.window})"
                 )
                 return False
-            if stream.on_chunk is not None:
-                stream.on_chunk(frame)
+            stream.tokens += frame["n"]
+            prompt = frame.get("p")
+            if prompt is not None:
+                stream.prompt = prompt
             stream.push(frame)
             return True
         if kind in ("end", "err"):

@@ -2,8 +2,8 @@
 
 A :class:`UsageRecord` is opened when a stream is admitted and closed exactly once, by the
 first ending that reaches it. Its counts live in the slot and are rewritten as tokens pass
-(generated when a chunk arrives from the inference worker, delivered when it was written to
-the Gateway), so a crash of this process loses nothing: the supervisor closes the slot as
+(generated and delivered together, each time a message is handed to the Gateway, and once
+more when the record closes), so a crash of this process loses nothing: the supervisor closes the slot as
 ``interrupted`` with the counts it holds. After ``close`` the slot belongs to the meter
 process until it has committed the record to SQLite.
 """
@@ -80,23 +80,19 @@ class UsageRecord:
     def closed(self) -> bool:
         return self.status is not None
 
-    def on_generated(self, tokens: int, prompt: int | None) -> None:
-        """A chunk of `tokens` arrived from the inference worker."""
+    def advance(self, generated: int, prompt: int, delivered: int) -> None:
+        """The stream now has `generated` tokens from the worker (a running total) and
+        `delivered` more were handed to the Gateway. Written once per Gateway message."""
         if self.status is not None:
             return
-        self.generated += tokens
+        grown = generated - self.generated
+        self.generated = generated
         if prompt:
             self.prompt = prompt
-        self._meter.set_counts(self.wbase, self.prompt, self.generated, self.delivered)
-        self._meter.add_delivered(self.mbase, tokens, 0)
-
-    def on_delivered(self, tokens: int) -> None:
-        """`tokens` were written to the Gateway stream."""
-        if self.status is not None:
-            return
-        self.delivered += tokens
-        self._meter.set_delivered(self.wbase, self.generated, self.delivered)
-        self._meter.add_delivered(self.mbase, 0, tokens)
+        self.delivered += delivered
+        meter = self._meter
+        meter.set_counts(self.wbase, self.prompt, generated, self.delivered)
+        meter.add_delivered(self.mbase, grown, delivered)
 
     def apply_usage(self, usage: dict | None) -> None:
         """The worker's own usage report (end frame): fills what the chunks did not say."""
@@ -140,13 +136,11 @@ class UnmeteredRecord:
     def closed(self) -> bool:
         return self.status is not None
 
-    def on_generated(self, tokens: int, prompt: int | None) -> None:
-        self.generated += tokens
-        if prompt:
-            self.prompt = prompt
-
-    def on_delivered(self, tokens: int) -> None:
-        self.delivered += tokens
+    def advance(self, generated: int, prompt: int, delivered: int) -> None:
+        if self.status is None:
+            self.generated = generated
+            self.prompt = prompt or self.prompt
+            self.delivered += delivered
 
     def apply_usage(self, usage: dict | None) -> None:
         if usage and isinstance(usage.get("prompt_tokens"), int):

@@ -374,7 +374,6 @@ class ProxyService(pb_grpc.AiInferenceServicer):
                         + (("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),),
                     )
             stream = self.link.open_stream(frame)
-            stream.on_chunk = lambda f: rec.on_generated(f["n"], f.get("p"))
             self.active.add(stream)
             async with asyncio.timeout_at(
                 None if deadline is None
@@ -382,6 +381,9 @@ class ProxyService(pb_grpc.AiInferenceServicer):
             ):
                 while True:
                     event = await stream.get()
+                    if type(event) is not dict or event["t"] != "chunk":
+                        # Every ending below closes the record: bring its counts up to date.
+                        rec.advance(stream.tokens, stream.prompt, 0)
                     if type(event) is dict:
                         kind = event["t"]
                         if kind == "chunk":
@@ -413,7 +415,7 @@ class ProxyService(pb_grpc.AiInferenceServicer):
                             # Counted when handed to the Gateway connection: a cancel that
                             # lands while this write is in flight must not lose the chunk
                             # the caller may already have read.
-                            rec.on_delivered(n)
+                            rec.advance(stream.tokens, stream.prompt, n)
                             tokens_metric.inc(n)
                             index += 1
                             await context.write(msg)
@@ -523,6 +525,7 @@ class ProxyService(pb_grpc.AiInferenceServicer):
                 while not stream.ended or stream.queue:
                     event = await stream.get()
                     if type(event) is dict and event["t"] in ("end", "err"):
+                        rec.advance(stream.tokens, stream.prompt, 0)
                         rec.apply_usage(event.get("usage"))
                         break
                     if not type(event) is dict:
@@ -531,6 +534,7 @@ class ProxyService(pb_grpc.AiInferenceServicer):
             pass
         finally:
             self.link.forget_stream(stream)
+            rec.advance(stream.tokens, stream.prompt, 0)
             if rec.close(status):
                 done()
 
