@@ -453,7 +453,7 @@ class Supervisor:
                 old.retiring = True
                 log.info("reload replaced proxy index=%s old_pid=%s new_pid=%s next=drain old",
                          child.index, old_pid, child.pid)
-                self._kill(old, signal.SIGTERM)
+                self._kill(old, signal.SIGUSR1)
             self.reload_current = None
 
     def _meter_ready(self) -> bool:
