@@ -186,6 +186,7 @@ class WorkerLink:
         self._task: asyncio.Task | None = None
         self._closing = False
         self.send_max = max_frame_bytes  # lowered to what the worker announces it accepts
+        self._out: list[bytes] = []  # encoded frames waiting for the end of this loop pass
         self._first_sid = 1  # first stream id opened on the current connection
         self._cancelled: dict[int, float] = {}  # stream ids we cancelled: late frames ok
         self._reset_reason = ""
@@ -300,6 +301,7 @@ class WorkerLink:
             log.debug("worker connect failed uds=%s error=%s", self.path, exc)
             return False
         self._proto = proto
+        self._out = []
         self._oom_seen = False
         self._oom_kills_at_connect = _cgroup_oom_kills()
         self._first_sid = self._next_sid
@@ -423,11 +425,22 @@ class WorkerLink:
     # -- frames ----------------------------------------------------------------------
 
     def send(self, frame: dict) -> bool:
+        """Queue a frame for the worker; frames of one loop pass go out in one write."""
         proto = self._proto
         if proto is None or proto.transport is None or proto.transport.is_closing():
             return False
-        proto.transport.write(wire.encode(frame, self.send_max))
+        data = wire.encode(frame, self.send_max)
+        if not self._out:
+            self.loop.call_soon(self._flush, proto)
+        self._out.append(data)
         return True
+
+    def _flush(self, proto: _Protocol) -> None:
+        if proto is not self._proto:
+            return  # that connection is gone; its unsent frames were dropped with it
+        out, self._out = self._out, []
+        if out and not proto.transport.is_closing():
+            proto.transport.write(b"".join(out))
 
     def dispatch(self, frame: dict) -> bool:
         """Route one frame from the worker. Returns False when the connection was reset."""
