@@ -167,3 +167,16 @@ def test_command_line_overrides_get_the_same_checks():
     with pytest.raises(config.ConfigError) as err:
         cfg.with_overrides(max_prompt_bytes=1 << 20)
     assert "server.max_prompt_bytes = 1048576 (command line)" in str(err.value)
+
+
+def test_the_laptop_example_of_the_readme_is_valid_and_stays_on_loopback():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    cfg = config.load(str(root / "examples" / "local.toml"), env={})
+    assert cfg.bind_addr.startswith("127.0.0.1:") and cfg.metrics_host == "127.0.0.1"
+    assert cfg.upload_target == "127.0.0.1:50052"
+    assert not cfg.state_dir.startswith("/")  # under the directory the commands run in
+    running_it = (root / "README.md").read_text().split("## Running it", 1)[1]
+    assert "cy-sidecar start --procs 4 --config examples/local.toml" in running_it
+    assert "cy-sidecar usage-sink --listen 127.0.0.1:50052" in running_it
