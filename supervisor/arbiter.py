@@ -132,9 +132,15 @@ def _preload_child_modules() -> None:
     Importing creates no gRPC server, channel or thread (gRPC's core starts only when the
     first such object exists); the one-thread check in the tests holds us to that.
     """
+    import gc
+
     import grpc.aio  # noqa: F401
 
     from cy_sidecar.proxy_worker import process, service  # noqa: F401
+
+    # Objects that exist now are never collected in a child: keep the garbage collector
+    # from writing to their headers there, which would copy the shared pages.
+    gc.freeze()
 
 
 class Supervisor:
