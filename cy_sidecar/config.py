@@ -5,7 +5,11 @@ decides what is allowed, and the environment variable that overrides it. Loading
 file (``--config``, else ``$SIDECAR_CONFIG``, else built-in defaults), applies the
 environment, validates every value, and remembers where each came from so that
 ``cy-sidecar config show`` can say it. A bad value raises :class:`ConfigError` with one line
-naming the key, the value and what is allowed.
+naming the key, the value and what is allowed. Checks that involve several keys (a prompt
+must fit in a frame, the control socket path must fit in sun_path, the gRPC and metrics ports
+differ) run once every value is known and name each key involved, so that ``start`` does
+not refuse a value that ``config check`` accepted (it still checks what it finds on the
+machine: ports in use, the state directory, a file where the control socket goes).
 """
 
 from __future__ import annotations
