@@ -5,7 +5,8 @@ stream of this process by stream id. The link owns the connection's lifecycle:
 
 * a state machine, ``connecting -> ready | loading -> dead -> connecting ...`` (plus
   ``draining`` when the inference worker says so), driven by the worker's hello and state
-  frames, by pings every ``check_interval_secs`` and by the connection itself;
+  frames, by pings every ``check_interval_secs`` (any frame from the worker counts as an
+  answer: a busy worker may answer pings late) and by the connection itself;
 * reconnects with exponential backoff from ``reconnect_delay_secs`` for
   ``max_reconnect_attempts`` attempts, then a slow probe every 30 s; while waiting it
   watches the socket path, so a worker that comes back is reconnected within ~100 ms;
@@ -118,6 +119,8 @@ class _Protocol(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        # Any bytes prove the worker alive: a busy worker may answer pings late.
+        self.link._last_pong = time.monotonic()
         error = None
         try:
             frames = self.decoder.feed(data)

@@ -163,3 +163,37 @@ def test_usage_reported_only_at_the_end_still_reaches_a_cancelled_record(running
         assert rec["status"] == "cancelled"
     ids = [r["record_id"] for r in sink_records(running) if r["trace_id"].startswith("c5-")]
     assert len(ids) == 5 == len(set(ids))
+
+
+def test_a_thousand_slow_readers_keep_the_proxy_memory_bounded(stack):
+    import asyncio
+
+    stack.write_config(**{"server.max_concurrent_streams": 1200})
+    stack.start_sidecar(procs=1)
+    proxy = only_proxy(stack)
+    rss_before = proxy.memory_info().rss
+
+    async def readers():
+        channel = grpc.aio.insecure_channel(stack.target)
+        stub = pb_grpc.AiInferenceStub(channel)
+        calls = [stub.StreamPredict(iter([request(tokens=0, demo_tokens=100_000,
+                                                  demo_tps=200, trace_id=f"slow-{i}")]),
+                                    timeout=60) for i in range(1000)]
+        for call in calls:
+            await call.read()  # one message each, then they stop reading
+        peak = 0
+        for _ in range(20):
+            await asyncio.sleep(0.1)
+            peak = max(peak, proxy.memory_info().rss)
+        for call in calls:
+            call.cancel()
+        await channel.close()
+        return peak
+
+    peak = asyncio.run(readers())
+    # 1000 streams, each with at most one credit window buffered in the proxy.
+    assert peak - rss_before < 200 * 1024 * 1024
+    with new_channel(stack.target) as channel:
+        stub = pb_grpc.AiInferenceStub(channel)
+        wait_until(lambda: proxy_health(stub)["open_streams"] == "0", timeout=20,
+                   what="all slow streams to end")
