@@ -4,7 +4,7 @@ Owner: one meter process per sidecar, forked by the supervisor (``run_meter``), 
 with ``python -m cy_sidecar.meter_store.process --config PATH --meter-file PATH``. It is the
 only writer of the ledger's records and the only process that frees meter slots.
 
-Main loop, every ~20 ms: commit every CLOSED slot of the meter file (and of old meter files
+Main loop, every 100 ms: commit every CLOSED slot of the meter file (and of old meter files
 left by an earlier run, each deleted once drained) in one durable transaction per file, then
 mark the slots FREE. Every second: ledger gauges, compaction when more records wait than
 ``offline_queue_size`` holds, WAL checkpoint, and ``<state_dir>/meter-status.json`` (written
@@ -48,7 +48,7 @@ log = logs.get("meter")
 
 STATUS_FILE = "meter-status.json"
 REJECTED_FILE = "rejected-records.jsonl"
-COMMIT_INTERVAL_SECS = 0.02
+COMMIT_INTERVAL_SECS = 0.1  # records wait in shared memory at most this long
 TICK_SECS = 1.0
 LEDGER_RETRY_SECS = 1.0
 # While the ledger stays unwritable, repeat the error line this often (not every retry),
