@@ -3,9 +3,11 @@
 A :class:`UsageRecord` is opened when a stream is admitted and closed exactly once, by the
 first ending that reaches it. Its counts live in the slot and are rewritten as tokens pass
 (generated and delivered together, each time a message is handed to the Gateway, and once
-more when the record closes), so a crash of this process loses nothing: the supervisor closes the slot as
-``interrupted`` with the counts it holds. After ``close`` the slot belongs to the meter
-process until it has committed the record to SQLite.
+more when the record closes). A crash of this process therefore loses no delivered token:
+the supervisor closes the slot as ``interrupted`` with the counts it holds (chunks that had
+arrived from the worker but were not yet written to the Gateway are not in its generated
+count). After ``close`` the slot belongs to the meter process until it has committed the
+record to SQLite.
 """
 
 from __future__ import annotations

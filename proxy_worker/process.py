@@ -8,8 +8,9 @@ usage records into its own region of the shared-memory meter.
 
 Signals: SIGTERM drains (GOAWAY, streams may finish within ``drain_grace_secs``, the rest end
 with UNAVAILABLE and status ``shutdown``); SIGUSR1 does the same for a reload, except that a
-stream still arriving (on a connection made just before) is served, not refused; SIGINT is ignored because Ctrl-C in a terminal
-reaches the whole process group and the supervisor decides what happens. A proxy whose parent
+stream still arriving (on a connection made just before) is served, not refused. SIGINT is
+ignored because Ctrl-C in a terminal reaches the whole process group and the supervisor
+decides what happens. A proxy whose parent
 disappears drains and exits by itself.
 """
 
