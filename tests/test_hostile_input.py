@@ -172,28 +172,31 @@ def test_a_stream_closed_before_its_first_message_is_invalid_argument(running):
 def test_silent_streams_count_against_the_stream_limit(stack):
     stack.write_config(**{"server.max_concurrent_streams": 2})
     stack.start_sidecar(procs=1)
-    with new_channel(stack.target) as channel:
-        stub = pb_grpc.AiInferenceStub(channel)
-        never = threading.Event()
 
-        def silent():
-            never.wait(10)
-            return
-            yield  # a request iterator that sends nothing until the test ends
+    async def scenario() -> grpc.StatusCode:
+        async with grpc.aio.insecure_channel(stack.target) as channel:
+            stub = pb_grpc.AiInferenceStub(channel)
+            silent = [stub.StreamPredict() for _ in range(2)]  # open, never write
+            for call in silent:
+                await call.wait_for_connection()
+            code = grpc.StatusCode.OK
+            for _ in range(100):  # until the proxy has seen both silent streams
+                third = stub.StreamPredict()
+                await third.write(request())
+                await third.done_writing()
+                try:
+                    async for _ in third:
+                        pass
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        break
+                await asyncio.sleep(0.05)
+            for call in silent:
+                call.cancel()
+            return code
 
-        calls = [stub.StreamPredict(silent(), timeout=20) for _ in range(2)]
-        wait_until(lambda: _refused(stub), timeout=10, what="a third stream to be refused")
-        never.set()
-        for call in calls:
-            call.cancel()
-
-
-def _refused(stub) -> bool:
-    try:
-        collect(stub.StreamPredict(iter([request()]), timeout=5))
-    except grpc.RpcError as exc:
-        return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    return False
+    assert asyncio.run(scenario()) == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_a_request_too_large_as_a_frame_is_refused_by_name(running):
