@@ -427,12 +427,21 @@ class WorkerLink:
 
     # -- frames ----------------------------------------------------------------------
 
-    def send(self, frame: dict) -> bool:
-        """Queue a frame for the worker; frames of one loop pass go out in one write."""
+    def send(self, frame: dict, now: bool = False) -> bool:
+        """Queue a frame for the worker; frames of one loop pass go out in one write.
+
+        `now`: write at once (with whatever is queued before it), for frames whose latency
+        a caller waits on: a request (time to first token) or a cancel.
+        """
         proto = self._proto
         if proto is None or proto.transport is None or proto.transport.is_closing():
             return False
         data = wire.encode(frame, self.send_max)
+        if now:
+            out, self._out = self._out, []
+            out.append(data)
+            proto.transport.write(b"".join(out) if len(out) > 1 else data)
+            return True
         if not self._out:
             self.loop.call_soon(self._flush, proto)
         self._out.append(data)
@@ -535,7 +544,7 @@ class WorkerLink:
         request["s"] = sid
         request["credit"] = self.window
         self.streams[sid] = stream
-        if not self.send(request):
+        if not self.send(request, now=True):
             del self.streams[sid]
             stream.ended = True
             stream.push(Lost("inference worker is not connected", False))
@@ -544,7 +553,7 @@ class WorkerLink:
     def cancel_stream(self, stream: Stream) -> None:
         """Tell the worker to stop a stream now. Its final end frame may still arrive."""
         if not stream.ended:
-            self.send({"t": "cancel", "s": stream.sid})
+            self.send({"t": "cancel", "s": stream.sid}, now=True)
             cancelled = self._cancelled
             cancelled[stream.sid] = time.monotonic()
             if len(cancelled) > 4096:
