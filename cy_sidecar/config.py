@@ -191,7 +191,7 @@ SETTINGS: tuple[Setting, ...] = (
             "backoff attempts before probing slowly (every 30 s)"),
     Setting("health", "reload_grace_secs", float, 30.0, _between(0, 3600),
             "SIDECAR_RELOAD_GRACE_SECS",
-            "how long requests are held while the worker loads or reconnects"),
+            "how long requests are held while the worker loads, or restarts after saying so"),
     Setting("observability", "metrics_port", int, 9090, _between(0, 65535),
             "SIDECAR_METRICS_PORT",
             "Prometheus /metrics port (on observability.metrics_host); 0 disables"),
