@@ -27,7 +27,7 @@ def run_demo(procs: int = 2, prompt: str = "", tokens: int = 60) -> int:
     from cy_sidecar.protos import cy_llm_pb2 as pb
     from cy_sidecar.protos import cy_llm_pb2_grpc as pb_grpc
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     stack = Stack.create()
     stack.log_path = f"{stack.root}/demo.log"
     stack.write_config(**{"metering.batch_interval_secs": 0.5})
