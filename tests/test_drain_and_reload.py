@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import signal
 import threading
@@ -89,11 +90,8 @@ def test_sigterm_cuts_streams_at_the_grace_deadline_and_records_their_partial_us
 
     # New streams are refused at once while the old ones drain.
     stack.sidecar.wait_for(r"proxy draining")
-    with new_channel(stack.target) as fresh:
-        with pytest.raises(grpc.RpcError) as err:
-            collect(pb_grpc.AiInferenceStub(fresh).StreamPredict(iter([request()]),
-                                                                 timeout=5))
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert asyncio.run(asyncio.wait_for(_fresh_call_code(stack.target), 20)) \
+        == grpc.StatusCode.UNAVAILABLE
 
     received = []
     for call in calls:
@@ -113,6 +111,18 @@ def test_sigterm_cuts_streams_at_the_grace_deadline_and_records_their_partial_us
         assert rec["status"] == "shutdown"
         assert rec["delivered_tokens"] == tokens
     assert worker_state(stack.worker_path)["open_streams"] == "0"
+
+
+async def _fresh_call_code(target: str) -> grpc.StatusCode:
+    """The status of one new StreamPredict on a new connection (grpc.aio client)."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = pb_grpc.AiInferenceStub(channel).StreamPredict(iter([request()]), timeout=5)
+        try:
+            async for _ in call:
+                pass
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
 
 
 def test_records_of_a_drained_sidecar_are_uploaded_after_the_next_start(stack):
