@@ -28,7 +28,7 @@ def test_sighup_replaces_every_proxy_without_refusing_or_cutting_anything(runnin
     for call in long_calls:
         next(call)
 
-    failures: list[tuple[str, grpc.StatusCode]] = []
+    failures: list[tuple[str, grpc.StatusCode, str]] = []
     served: list[str] = []
     stop = threading.Event()
 
@@ -43,7 +43,7 @@ def test_sighup_replaces_every_proxy_without_refusing_or_cutting_anything(runnin
                         iter([request(tokens=2, trace_id=trace_id)]), timeout=10))
                     served.append(trace_id)
                 except grpc.RpcError as exc:
-                    failures.append((trace_id, exc.code()))
+                    failures.append((trace_id, exc.code(), exc.details() or ""))
 
     with concurrent.futures.ThreadPoolExecutor(5) as pool:
         callers = [pool.submit(keep_calling, who) for who in range(2)]
@@ -60,15 +60,18 @@ def test_sighup_replaces_every_proxy_without_refusing_or_cutting_anything(runnin
             f.result()
     channel.close()
 
-    # A call that reaches an old proxy's connection in the instant its server begins to
-    # stop is cancelled by gRPC before the sidecar sees it: nothing started, nothing
-    # metered, safe to retry. Nothing else may fail, and no running stream is cut.
-    assert {code for _, code in failures} <= {grpc.StatusCode.CANCELLED}, failures
+    # A new call that reaches an old proxy in the instant its gRPC server stops (cancelled
+    # by gRPC) or its listener closes (a connection still in that listener's accept queue
+    # is reset) fails before the sidecar sees it: nothing started, nothing metered, safe
+    # to retry. The sidecar itself refuses nothing, and no running stream is cut.
+    codes = {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
+    assert {code for _, code, _ in failures} <= codes, failures
+    assert not [f for f in failures if "sidecar" in f[2]], failures
     assert len(failures) <= 3 and len(served) > 20 * len(failures)
     wait_until(lambda: set(served) <= {r["trace_id"] for r in sink_records(running)},
                what="every served call's record")
     metered = {r["trace_id"] for r in sink_records(running)}
-    assert not {trace_id for trace_id, _ in failures} & metered
+    assert not {trace_id for trace_id, _, _ in failures} & metered
     for out in outs:
         assert out["usage"].status == "finished" and out["tokens"] + 1 == 60
     after = {c.pid for c in psutil.Process(running.sidecar.pid).children()}
