@@ -365,10 +365,18 @@ class WorkerLink:
         self._connection_ended()
 
     async def _ping_loop(self, proto: _Protocol) -> None:
+        unanswered = 0
+        answered_at = self._last_pong
         while True:
             await asyncio.sleep(self.check_interval)
+            if self._last_pong != answered_at:
+                answered_at = self._last_pong
+                unanswered = 0
             silent = time.monotonic() - self._last_pong
-            if silent > max(3 * self.check_interval, 2.0):
+            # Three pings sent and none answered, not just time passed: when this process
+            # itself was too busy to run the loop, no ping went out and none is held against
+            # the worker.
+            if unanswered >= 3 and silent > max(3 * self.check_interval, 2.0):
                 log.error(
                     "worker unresponsive uds=%s worker_pid=%s silent_secs=%.1f "
                     "next=reset connection", self.path, self.worker_pid, silent,
@@ -381,6 +389,7 @@ class WorkerLink:
                 return
             self.send({"t": "ping", "id": self._next_ping})
             self._next_ping += 1
+            unanswered += 1
 
     def _connection_ended(self) -> None:
         oom = self._oom_seen
