@@ -343,11 +343,6 @@ class MeterFile:
         words[word_base + _W_GEN] = generated
         words[word_base + _W_DELIV] = delivered
 
-    def set_delivered(self, word_base: int, generated: int, delivered: int) -> None:
-        words = self._words
-        words[word_base + _W_GEN] = generated
-        words[word_base + _W_DELIV] = delivered
-
     def close_slot(
         self, region: int, slot: int, status: str, finish_reason: str = "",
         ended_unix_ms: int | None = None,
