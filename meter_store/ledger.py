@@ -150,6 +150,28 @@ def _explain(path: str, action: str, exc: BaseException) -> LedgerError:
     return LedgerError(path, cause, f"ledger {path}: cannot {action}: {why} ({text})")
 
 
+def _switch_to_wal(conn: sqlite3.Connection, busy_timeout_ms: int) -> str:
+    """Set WAL mode and return the journal mode in effect.
+
+    Changing the journal mode takes an exclusive lock, and SQLite answers SQLITE_BUSY at once,
+    without calling the busy handler, when two connections open a fresh file at the same
+    moment (waiting could deadlock them). So the switch is retried here, within the busy
+    timeout, like any other wait for the lock.
+    """
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    delay = 0.001
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            busy = code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if not busy or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
 class Ledger:
     """One connection to the ledger file. Not shared between threads: open one per thread."""
 
@@ -179,7 +201,7 @@ class Ledger:
         try:
             self.db = sqlite_utils.Database(conn)
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _switch_to_wal(conn, busy_timeout_ms)
             if str(mode).lower() != "wal":
                 raise LedgerError(
                     path, "read_only",
