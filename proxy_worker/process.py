@@ -7,8 +7,9 @@ process holds the port), keeps its own connection to the inference worker, and w
 usage records into its own region of the shared-memory meter.
 
 Signals: SIGTERM drains (GOAWAY, streams may finish within ``drain_grace_secs``, the rest end
-with UNAVAILABLE and status ``shutdown``); SIGUSR1 does the same for a reload, except that a
-stream still arriving (on a connection made just before) is served, not refused. SIGINT is
+with UNAVAILABLE and status ``shutdown``); SIGUSR1 does the same for a reload, except that the
+process first leaves the port's listening group (see :mod:`.listener`), health stays SERVING,
+and a stream still arriving on a connection it accepted is served, not refused. SIGINT is
 ignored because Ctrl-C in a terminal reaches the whole process group and the supervisor
 decides what happens. A proxy whose parent
 disappears drains and exits by itself.
@@ -27,6 +28,10 @@ log = logs.get("proxy")
 
 HEARTBEAT_SECS = 0.5
 LIVENESS_SERVICE = "liveness"
+# On a reload, after leaving the listening group: how long no new call must have arrived
+# before the server stops, and the most this wait takes.
+QUIET_SECS = 0.15
+SETTLE_MAX_SECS = 1.0
 
 
 def _server_options(cfg) -> list[tuple[str, int]]:
@@ -50,6 +55,30 @@ def _server_options(cfg) -> list[tuple[str, int]]:
         # a clear INVALID_ARGUMENT instead of a transport-level error.
         ("grpc.max_receive_message_length", cfg.max_prompt_bytes * 2 + (1 << 20)),
     ]
+
+
+async def _leave_listening_group(service, port: int) -> None:
+    """Reload: stop receiving connections, then give those just accepted time to call.
+
+    The replacement already listens. Once this process's listener is out of the port's
+    group, a caller that connected in the instant before sends its first call within a round
+    trip; waiting until no call has arrived for QUIET_SECS (at most SETTLE_MAX_SECS) lets
+    that call start here before server.stop(), which would cancel it.
+    """
+    from .listener import close_listeners, migrate_req_enabled
+
+    closed = close_listeners(port)
+    migrate = migrate_req_enabled()
+    log.info("proxy left the listening group port=%s sockets=%s queued_connections=%s "
+             "next=serve what arrives, then GOAWAY", port, closed,
+             {True: "migrated", False: "reset (net.ipv4.tcp_migrate_req=0)",
+              None: "unknown"}[migrate])
+    closed_at = time.monotonic()
+    deadline = closed_at + SETTLE_MAX_SECS
+    while time.monotonic() < deadline:
+        if time.monotonic() - max(service.last_call_at, closed_at) >= QUIET_SECS:
+            break
+        await asyncio.sleep(0.02)
 
 
 def run_proxy(cfg, index: int, region: int, meter_path: str, ready_fd: int) -> int:
@@ -174,7 +203,10 @@ async def _main(cfg, index: int, region: int, meter_path: str, ready_fd: int) ->
     # process after its replacement listens (its connection was made just before) is
     # still served; GOAWAY moves the callers' next streams to the new process.
     service.draining = not retire
-    await health_servicer.enter_graceful_shutdown()
+    if retire:
+        await _leave_listening_group(service, port)
+    else:
+        await health_servicer.enter_graceful_shutdown()
     stopping = loop.create_task(server.stop(grace + 2.0))
     deadline = time.monotonic() + grace
     while service.open_streams and time.monotonic() < deadline:

@@ -171,6 +171,7 @@ class ProxyService(pb_grpc.AiInferenceServicer):
         self.settling: set[asyncio.Task] = set()
         self.planned_restart_until = 0.0
         self.requests_total = 0
+        self.last_call_at = 0.0  # monotonic time the latest StreamPredict arrived
 
     # -- worker state -----------------------------------------------------------------
 
@@ -210,6 +211,7 @@ class ProxyService(pb_grpc.AiInferenceServicer):
     async def StreamPredict(self, request_iterator, context):
         # A stream waiting for its first message holds a place under the limit too, and
         # waits a bounded time: silent callers cannot pile up.
+        self.last_call_at = time.monotonic()
         if self.open_streams + self.opening >= self.max_streams:
             await self._refuse_over_limit(context)
         self.opening += 1

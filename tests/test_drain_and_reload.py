@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
+import shlex
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,64 +23,108 @@ from helpers import (collect, new_channel, record_for, request, sink_records, wa
                      worker_state)
 
 
+def _migrate_req() -> bool:
+    try:
+        with open("/proc/sys/net/ipv4/tcp_migrate_req") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
 def test_sighup_replaces_every_proxy_without_refusing_or_cutting_anything(running):
-    before = {c.pid for c in psutil.Process(running.sidecar.pid).children()}
+    """Two reloads under steady traffic: long streams, a new connection per call, and
+    callers that keep one connection."""
     channel = new_channel(running.target)
     stub = pb_grpc.AiInferenceStub(channel)
-    long_calls = [stub.StreamPredict(iter([request(tokens=0, demo_tokens=60, demo_tps=30,
+    long_calls = [stub.StreamPredict(iter([request(tokens=0, demo_tokens=90, demo_tps=30,
                                                    trace_id=f"hup-{i}")]), timeout=30)
                   for i in range(3)]
     for call in long_calls:
         next(call)
 
-    failures: list[tuple[str, grpc.StatusCode, str]] = []
+    failures: dict[str, list[tuple[str, grpc.StatusCode, str]]] = {"new": [], "kept": []}
     served: list[str] = []
     stop = threading.Event()
 
-    def keep_calling(who: int):
+    def keep_calling(kind: str, who: int):
+        kept = new_channel(running.target) if kind == "kept" else None
         n = 0
-        while not stop.is_set() and n < 400:
+        while not stop.is_set() and n < 1500:
             n += 1
-            trace_id = f"hup-new-{who}-{n}"
-            with new_channel(running.target) as ch:
-                try:
-                    collect(pb_grpc.AiInferenceStub(ch).StreamPredict(
-                        iter([request(tokens=2, trace_id=trace_id)]), timeout=10))
-                    served.append(trace_id)
-                except grpc.RpcError as exc:
-                    failures.append((trace_id, exc.code(), exc.details() or ""))
+            trace_id = f"hup-{kind}-{who}-{n}"
+            ch = kept or new_channel(running.target)
+            try:
+                collect(pb_grpc.AiInferenceStub(ch).StreamPredict(
+                    iter([request(tokens=2, trace_id=trace_id)]), timeout=10))
+                served.append(trace_id)
+            except grpc.RpcError as exc:
+                failures[kind].append((trace_id, exc.code(), exc.details() or ""))
+            finally:
+                if kept is None:
+                    ch.close()
+        if kept is not None:
+            kept.close()
 
-    with concurrent.futures.ThreadPoolExecutor(5) as pool:
-        callers = [pool.submit(keep_calling, who) for who in range(2)]
+    with concurrent.futures.ThreadPoolExecutor(7) as pool:
+        callers = [pool.submit(keep_calling, kind, who)
+                   for kind in ("new", "kept") for who in range(2)]
         finished = [pool.submit(collect, c) for c in long_calls]
-        mark = len(running.sidecar.lines)
-        running.sidecar.signal(signal.SIGHUP)
-        running.sidecar.wait_for(r"reload finished", timeout=20, start=mark)
-        wait_until(lambda: not ({c.pid for c in psutil.Process(running.sidecar.pid)
-                                 .children()} & before), timeout=20,
-                   what="every old child to exit")
+        for _ in range(2):
+            before = {c.pid for c in psutil.Process(running.sidecar.pid).children()}
+            mark = len(running.sidecar.lines)
+            running.sidecar.signal(signal.SIGHUP)
+            running.sidecar.wait_for(r"reload finished", timeout=20, start=mark)
+            wait_until(lambda: not ({c.pid for c in psutil.Process(running.sidecar.pid)
+                                     .children()} & before), timeout=20,
+                       what="every old child to exit")
         outs = [f.result() for f in finished]
         stop.set()
         for f in callers:
             f.result()
     channel.close()
 
-    # A new call that reaches an old proxy in the instant its gRPC server stops (cancelled
-    # by gRPC) or its listener closes (a connection still in that listener's accept queue
-    # is reset) fails before the sidecar sees it: nothing started, nothing metered, safe
-    # to retry. The sidecar itself refuses nothing, and no running stream is cut.
-    codes = {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
-    assert {code for _, code, _ in failures} <= codes, failures
-    assert not [f for f in failures if "sidecar" in f[2]], failures
-    assert len(failures) <= 3 and len(served) > 20 * len(failures)
+    # A retiring proxy leaves the port's listening group before it stops, so a caller that
+    # connects during the reload is served by whichever process accepts it. Only a
+    # connection caught in the retiring socket's accept queue at that instant could be
+    # reset, and not even that when the kernel migrates such connections.
+    if _migrate_req():
+        assert failures["new"] == []
+    else:
+        assert len(failures["new"]) <= 1, failures["new"]
+        assert {code for _, code, _ in failures["new"]} <= {grpc.StatusCode.UNAVAILABLE}
+    # A caller that keeps its connection to a retiring proxy is moved by GOAWAY; a call it
+    # sends in the same instant is cancelled by gRPC's core before the sidecar sees it.
+    assert {code for _, code, _ in failures["kept"]} <= {grpc.StatusCode.CANCELLED}, failures
+    assert len(failures["kept"]) <= 3 and len(served) > 100, failures
+    lost = failures["new"] + failures["kept"]
+    assert not [f for f in lost if "sidecar" in f[2]], lost
     wait_until(lambda: set(served) <= {r["trace_id"] for r in sink_records(running)},
                what="every served call's record")
     metered = {r["trace_id"] for r in sink_records(running)}
-    assert not {trace_id for trace_id, _, _ in failures} & metered
+    assert not {trace_id for trace_id, _, _ in lost} & metered
     for out in outs:
-        assert out["usage"].status == "finished" and out["tokens"] + 1 == 60
+        assert out["usage"].status == "finished" and out["tokens"] + 1 == 90
     after = {c.pid for c in psutil.Process(running.sidecar.pid).children()}
-    assert len(after) == 3 and not after & before
+    assert len(after) == 3
+    assert any("left the listening group" in line for _, line in running.sidecar.lines)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or
+                    not shutil.which("ip"),
+                    reason="needs root, unshare and ip for a private network namespace")
+def test_sighup_in_a_namespace_where_the_kernel_migrates_queued_connections():
+    """The same reload test with net.ipv4.tcp_migrate_req=1, in a network namespace of its
+    own so the host's setting is untouched: no new connection fails at all."""
+    script = ("ip link set lo up && sysctl -qw net.ipv4.tcp_migrate_req=1 && "
+              f"exec {shlex.quote(sys.executable)} -m pytest -q -p no:cacheprovider "
+              f"{shlex.quote(__file__)} -k sighup_replaces_every_proxy")
+    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a network namespace: {probe.stderr.decode().strip()}")
+    done = subprocess.run(["unshare", "--net", "sh", "-c", script], capture_output=True,
+                          text=True, timeout=300, cwd=os.path.dirname(__file__))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "1 passed" in done.stdout
 
 
 def test_sigterm_cuts_streams_at_the_grace_deadline_and_records_their_partial_usage(stack):

@@ -178,6 +178,20 @@ def test_the_example_config_for_the_unit_is_valid():
     assert "is valid" in proc.stdout
 
 
+def test_the_sysctl_snippet_names_settings_this_kernel_has():
+    """Every key of systemd/cy-sidecar.sysctl.conf exists under /proc/sys, with a value."""
+    keys = {}
+    with open(os.path.join(ROOT, "systemd", "cy-sidecar.sysctl.conf")) as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if line:
+                key, _, value = line.partition("=")
+                keys[key.strip()] = value.strip()
+    assert keys == {"net.ipv4.tcp_migrate_req": "1"}
+    for key in keys:
+        assert os.path.exists("/proc/sys/" + key.replace(".", "/")), key
+
+
 def _need(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:
