@@ -7,13 +7,23 @@ supervisor) happen inside the commands that need them.
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Optional
 
-import typer
+# A service manager may stop `cy-sidecar start` a moment after starting it. Until the
+# supervisor installs its own handlers (after the imports below and the config), stop and
+# reload signals are recorded here instead of their default action killing a half-started
+# process; the supervisor then acts on them.
+EARLY_SIGNALS: list[int] = []
+if sys.argv[1:2] == ["start"]:
+    for _sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(_sig, lambda signum, frame: EARLY_SIGNALS.append(signum))
 
-from cy_sidecar import config as config_mod
-from cy_sidecar import exitcodes
+import typer  # noqa: E402
+
+from cy_sidecar import config as config_mod  # noqa: E402
+from cy_sidecar import exitcodes  # noqa: E402
 
 app = typer.Typer(
     add_completion=False,
@@ -54,7 +64,7 @@ def start(
     from cy_sidecar.supervisor.arbiter import StartupError, Supervisor
 
     logs.setup("supervisor", cfg.log_level, cfg.log_format)
-    sup = Supervisor(cfg, config_path=cfg.path)
+    sup = Supervisor(cfg, config_path=cfg.path, early_signals=EARLY_SIGNALS)
     try:
         sup.prepare()
     except StartupError as exc:

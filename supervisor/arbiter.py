@@ -144,8 +144,11 @@ def _preload_child_modules() -> None:
 
 
 class Supervisor:
-    def __init__(self, cfg: config_mod.Config, config_path: str | None = None):
+    def __init__(self, cfg: config_mod.Config, config_path: str | None = None,
+                 early_signals: list[int] | None = None):
         self.cfg = cfg
+        # Signals the command recorded before this supervisor existed (see cy_sidecar.cli).
+        self._early_signals = early_signals if early_signals is not None else []
         self.config_path = config_path
         self.procs = cfg.procs
         self.state_dir = cfg.state_dir
@@ -246,6 +249,14 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
                     signal.SIGQUIT):
             signal.signal(sig, self._record_signal)
+        # Taken over only now that this supervisor's handlers record anything newer.
+        early, self._early_signals[:] = list(self._early_signals), []
+        for sig in early:
+            if sig == signal.SIGHUP:
+                log.info("supervisor reload signal=SIGHUP while starting next=use the "
+                         "configuration just read")
+            else:
+                self.signals.append(sig)
 
     def _check_not_running(self) -> None:
         """Refuse a live control socket; remove a stale one; never touch anything else."""

@@ -73,3 +73,59 @@ def test_a_child_that_cannot_boot_stops_the_sidecar_with_its_exit_code(running):
     text = running.sidecar.text()
     assert "cannot open meter file" in text
     assert "cannot boot" in text and "stopping the sidecar" in text
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler for `sig` (SigCgt in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except FileNotFoundError:
+        pass
+    return False
+
+
+def test_sigterm_while_the_command_is_still_starting_stops_it_cleanly(stack, tmp_path):
+    """A SIGTERM before the supervisor exists, while the command still reads its config
+    (a FIFO here, so that moment lasts until the test writes it): exit 0 with a log line,
+    no child started."""
+    import subprocess
+
+    from cy_sidecar.localrun import cli
+
+    stack.write_config()
+    with open(stack.config_path) as f:
+        text = f.read()
+    fifo = str(tmp_path / "fifo.toml")
+    os.mkfifo(fifo)
+    popen = subprocess.Popen(cli("start", "--procs", "1", "--config", fifo),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=stack._env())
+    try:
+        wait_until(lambda: _catches(popen.pid, signal.SIGTERM) or popen.poll() is not None,
+                   timeout=20, interval=0.005, what="the command to catch SIGTERM")
+        popen.send_signal(signal.SIGTERM)
+
+        def open_writer():  # succeeds once the command has opened the FIFO to read it
+            if popen.poll() is not None:
+                return "exited"
+            try:
+                return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                return None
+
+        fd = wait_until(open_writer, timeout=20, interval=0.005, what="the config read")
+        assert fd != "exited", popen.communicate()[0]
+        os.set_blocking(fd, True)
+        os.write(fd, text.encode())
+        os.close(fd)
+        out, _ = popen.communicate(timeout=30)
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.wait()
+    assert popen.returncode == 0, out
+    assert "before starting any child" in out, out
+    assert "proxy ready" not in out
