@@ -118,9 +118,11 @@ def test_sighup_in_a_namespace_where_the_kernel_migrates_queued_connections():
     script = ("ip link set lo up && sysctl -qw net.ipv4.tcp_migrate_req=1 && "
               f"exec {shlex.quote(sys.executable)} -m pytest -q -p no:cacheprovider "
               f"{shlex.quote(__file__)} -k sighup_replaces_every_proxy")
-    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True)
+    setup = "ip link set lo up && sysctl -qw net.ipv4.tcp_migrate_req=1"
+    probe = subprocess.run(["unshare", "--net", "sh", "-c", setup], capture_output=True,
+                           text=True, timeout=60)
     if probe.returncode != 0:
-        pytest.skip(f"cannot create a network namespace: {probe.stderr.decode().strip()}")
+        pytest.skip(f"cannot set up a network namespace here: {probe.stderr.strip()}")
     done = subprocess.run(["unshare", "--net", "sh", "-c", script], capture_output=True,
                           text=True, timeout=300, cwd=os.path.dirname(__file__))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
