@@ -62,7 +62,7 @@ class RegionMeter:
 class UsageRecord:
     __slots__ = (
         "region", "slot", "wbase", "mbase", "record_id", "prompt", "generated", "delivered",
-        "status", "finish_reason", "_words", "_meter",
+        "status", "finish_reason", "_words", "_meter", "reported",
     )
 
     def __init__(self, owner: RegionMeter, slot: int, wbase: int, mbase: int, record_id):
@@ -77,6 +77,7 @@ class UsageRecord:
         self.delivered = 0
         self.status: str | None = None
         self.finish_reason = ""
+        self.reported = False  # the request's metrics and log line are out
 
     @property
     def closed(self) -> bool:
@@ -126,13 +127,15 @@ class UnmeteredRecord:
     """Stands in for a UsageRecord when metering is disabled (benchmarks): counts locally,
     writes nothing to shared memory, and so produces no usage record at all."""
 
-    __slots__ = ("prompt", "generated", "delivered", "status", "finish_reason", "record_id")
+    __slots__ = ("prompt", "generated", "delivered", "status", "finish_reason", "record_id",
+                 "reported")
 
     def __init__(self):
         self.prompt = self.generated = self.delivered = 0
         self.status: str | None = None
         self.finish_reason = ""
         self.record_id = ""
+        self.reported = False
 
     @property
     def closed(self) -> bool:

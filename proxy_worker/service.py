@@ -300,7 +300,13 @@ class ProxyService(pb_grpc.AiInferenceServicer):
         return req
 
     def _request_done(self, req, rec: UsageRecord, started: float) -> None:
-        """Metrics and the request log line of a stream, once its record is closed."""
+        """Metrics and the request log line of a stream, once its record is closed.
+
+        Reached from the handler's exit and from a settle task (whichever sees the record
+        closed); only the first call reports."""
+        if rec.reported:
+            return
+        rec.reported = True
         elapsed = time.monotonic() - started
         m.REQUEST_DURATION.observe(elapsed)
         if rec.status == "finished":

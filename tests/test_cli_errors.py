@@ -247,7 +247,7 @@ def test_a_stop_signal_during_startup_stops_cleanly_before_any_child(tmp_path, s
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
                             env=_clean_env(), start_new_session=True)
     try:
-        _wait_for_handlers(proc.pid)  # prepare() has begun; it cannot pass the FIFO yet
+        _wait_for_handlers(proc.pid)  # it records signals; it cannot pass the FIFO
         os.kill(proc.pid, sig)
         time.sleep(0.3)
         assert proc.poll() is None  # the signal was recorded, not acted on
@@ -263,6 +263,32 @@ def test_a_stop_signal_during_startup_stops_cleanly_before_any_child(tmp_path, s
     assert "supervisor stopped exit_code=0" in err
     assert " started index=" not in err  # no proxy, no meter
     assert not os.path.exists(state / "control.sock")
+
+
+def test_a_stop_signal_while_the_command_still_reads_its_config_stops_it_cleanly(tmp_path):
+    # Earlier still: the config file is a FIFO, so `start` blocks reading it, before the
+    # supervisor exists, until this test writes it. The command records the signal from
+    # its first lines and the supervisor acts on it.
+    fifo = tmp_path / "sidecar.toml"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(cli("start", "--config", str(fifo)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                            env=_clean_env(), start_new_session=True)
+    try:
+        _wait_for_handlers(proc.pid)
+        os.kill(proc.pid, signal.SIGTERM)
+        write_config(tmp_path / "real.toml", **{
+            "metering.state_dir": str(tmp_path / "state"),
+            "server.worker_uds": f"unix://{tmp_path / 'w.sock'}"})
+        _write_fifo(str(fifo), (tmp_path / "real.toml").read_bytes(), proc)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert proc.returncode == 0, err
+    assert "supervisor stopping signal=SIGTERM before starting any child" in err
+    assert " started index=" not in err
 
 
 def _wait_for_handlers(pid: int, timeout: float = 30.0) -> None:
@@ -292,6 +318,24 @@ def _read_fifo(path: str, timeout: float = 30.0) -> bytes:
                     return data
                 data += chunk
         raise AssertionError(f"the writer of {path} did not close it within {timeout} s")
+    finally:
+        os.close(fd)
+
+
+def _write_fifo(path: str, data: bytes, proc, timeout: float = 30.0) -> None:
+    """Write `data` into the FIFO once `proc` has opened it for reading, then close it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:  # no reader yet
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"nothing opened {path} to read it") from None
+            time.sleep(0.005)
+    try:
+        os.set_blocking(fd, True)
+        os.write(fd, data)
     finally:
         os.close(fd)
 

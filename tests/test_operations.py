@@ -13,7 +13,6 @@ import stat
 import subprocess
 import tempfile
 import time
-import urllib.request
 
 import grpc
 import pytest
@@ -22,7 +21,7 @@ from cy_sidecar.localrun import cli
 from cy_sidecar.protos import cy_llm_pb2 as pb
 from cy_sidecar.protos import cy_llm_pb2_grpc as pb_grpc
 
-from helpers import collect, new_channel, request, wait_until
+from helpers import collect, new_channel, request, scrape, wait_until
 
 
 def _clean_env(**extra: str) -> dict:
@@ -205,22 +204,9 @@ def test_the_status_tui_draws_in_a_terminal_and_quits_on_q(running, tmp_path):
 # -- metrics ------------------------------------------------------------------------------
 
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
 COUNTERS = ("sidecar_requests_total", "sidecar_tokens_processed_total",
             "sidecar_process_restarts_total", "sidecar_requests_success_total",
             "sidecar_ledger_records_committed_total")
-
-
-def scrape(stack) -> dict[str, float]:
-    url = f"http://127.0.0.1:{stack.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as reply:
-        text = reply.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match:
-            samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
-    return samples
 
 
 class Scrapes:

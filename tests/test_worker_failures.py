@@ -13,7 +13,7 @@ import pytest
 from cy_sidecar.protos import cy_llm_pb2 as pb
 from cy_sidecar.protos import cy_llm_pb2_grpc as pb_grpc
 
-from helpers import (collect, health_status, new_channel, record_for, request,
+from helpers import (collect, health_status, new_channel, record_for, request, scrape,
                      sink_records, wait_until)
 
 
@@ -150,6 +150,11 @@ def test_a_stalled_worker_ends_at_the_deadline_with_a_deadline_record(running):
     assert dict(err.value.trailing_metadata())["cy-usage-status"] == "deadline"
     rec = record_for(running, "stalled")
     assert rec["status"] == "deadline" and rec["delivered_tokens"] == 2
+    # Reported once: one request line, one failure and its 2 tokens in the metrics.
+    assert running.sidecar.text().count("request done trace_id=stalled ") == 1
+    samples = scrape(running)
+    assert samples['sidecar_requests_failed_total{status="deadline"}'] == 1
+    assert samples['sidecar_tokens_by_status_total{model="demo",status="deadline"}'] == 2
 
 
 @pytest.mark.parametrize(
