@@ -58,7 +58,9 @@ _ERR_STATUS = {
     "invalid": (grpc.StatusCode.INVALID_ARGUMENT, "worker_error"),
     "overloaded": (grpc.StatusCode.RESOURCE_EXHAUSTED, "worker_error"),
     "internal": (grpc.StatusCode.INTERNAL, "worker_error"),
-    "cancelled": (grpc.StatusCode.CANCELLED, "worker_error"),
+    # The worker stopped the stream itself (it is shutting down): not the caller's cancel,
+    # and worth retrying elsewhere.
+    "cancelled": (grpc.StatusCode.UNAVAILABLE, "worker_error"),
     "protocol": (grpc.StatusCode.INTERNAL, "worker_error"),
 }
 _ERR_HINT = {
@@ -67,6 +69,7 @@ _ERR_HINT = {
     "invalid": "the inference worker rejected the request",
     "overloaded": "the inference worker is overloaded; retry after the pushback delay",
     "internal": "the inference worker failed on this request",
+    "cancelled": "the inference worker stopped this stream; retry after the pushback delay",
     "protocol": "the inference worker sent a malformed frame; the sidecar reset the "
     "connection",
 }
@@ -449,7 +452,7 @@ class ProxyService(pb_grpc.AiInferenceServicer):
                         grpc_code, status = _ERR_STATUS.get(code, _ERR_STATUS["internal"])
                         rec.close(status, code)
                         trailers = _usage_trailers(rec)
-                        if code in ("oom", "overloaded"):
+                        if code in ("oom", "overloaded", "cancelled"):
                             trailers += (("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),)
                         await context.abort(
                             grpc_code,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 
@@ -92,6 +93,45 @@ def test_an_oom_death_is_named_as_such_and_metered(running):
     rec = record_for(running, "oom-exit")
     assert rec["status"] == "worker_oom"
     assert rec["delivered_tokens"] == 3
+
+
+def test_an_oom_the_worker_survived_does_not_name_a_later_crash(stack):
+    stack.start_sidecar(procs=1)  # one worker connection for all three calls
+    with new_channel(stack.target) as channel:
+        stub = pb_grpc.AiInferenceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub.StreamPredict(iter([request(
+                tokens=0, demo_tokens=50, demo_fault="oom", demo_fault_after=2,
+                trace_id="oom-lives")]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert collect(stub.StreamPredict(iter([request(tokens=3, trace_id="after-oom")]),
+                                          timeout=10))["tokens"] == 3
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub.StreamPredict(iter([request(
+                tokens=0, demo_tokens=50, demo_fault="crash", demo_fault_after=2,
+                trace_id="crash-later")]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "closed the connection (crashed or stopped)" in err.value.details()
+    assert record_for(stack, "oom-lives")["status"] == "worker_oom"
+    assert record_for(stack, "crash-later")["status"] == "worker_crash"
+
+
+def test_a_worker_that_stops_a_stream_on_its_own_shutdown_gives_a_retryable_error(stack):
+    stack.start_sidecar(procs=1)
+    with new_channel(stack.target) as channel:
+        stub = pb_grpc.AiInferenceStub(channel)
+        call = stub.StreamPredict(iter([request(tokens=0, demo_tokens=5000, demo_tps=50,
+                                                trace_id="worker-stops")]), timeout=20)
+        next(call)
+        stack.worker.popen.send_signal(signal.SIGTERM)  # the demo worker closes at once
+        with pytest.raises(grpc.RpcError) as err:
+            collect(call)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "inference worker stopped this stream" in err.value.details()
+    assert "grpc-retry-pushback-ms" in dict(err.value.trailing_metadata())
+    rec = record_for(stack, "worker-stops")
+    assert rec["status"] == "worker_error" and rec["finish_reason"] == "cancelled"
+    assert 0 < rec["delivered_tokens"] < 5000
 
 
 def test_a_slow_start_holds_requests_with_loading_and_serves_them(stack):
