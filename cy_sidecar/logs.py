@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 
 import orjson
@@ -117,6 +118,51 @@ def setup(role: str, level: str = "info", fmt: str = "text") -> None:
     root.addHandler(handler)
     # grpc's own logger goes through Python logging too; keep it quiet below warnings.
     logging.getLogger("grpc").setLevel(logging.WARNING)
+
+
+# Substrings of native log lines that this process caused on purpose (logged at info).
+_EXPECTED_NATIVE: set[str] = set()
+
+
+def capture_native_stderr() -> None:
+    """Route what native code (gRPC's core) writes to file descriptor 2 through this
+    process's log format, a line at a time, so that JSON logs stay one object per line.
+
+    Python's own stderr (the log handler, tracebacks) keeps writing to the original stream
+    directly; only descriptor 2 is replaced by a pipe that a reader thread turns into log
+    lines of the ``grpc.core`` logger.
+    """
+    out = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    for handler in logging.getLogger("cy_sidecar").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(out)
+    sys.stderr = out
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    threading.Thread(target=_pump_native, args=(read_fd,), name="native-stderr",
+                     daemon=True).start()
+
+
+def expect_native(substring: str) -> None:
+    """A native log line containing `substring` is the expected effect of what this
+    process just did: log it at info level instead of as the error it claims to be."""
+    _EXPECTED_NATIVE.add(substring)
+
+
+def _pump_native(fd: int) -> None:
+    core = get("grpc.core")
+    with os.fdopen(fd, "rb") as pipe:
+        for raw in pipe:
+            text = raw.decode("utf-8", "replace").rstrip()
+            if not text:
+                continue
+            # gRPC's core lines start with a severity letter: I, W, E or F.
+            level = {"E": logging.ERROR, "F": logging.CRITICAL, "W": logging.WARNING}.get(
+                text[:1], logging.INFO)
+            if any(s in text for s in _EXPECTED_NATIVE):
+                level = logging.INFO
+            core.log(level, "grpc core line=%r", text)
 
 
 def role() -> str:

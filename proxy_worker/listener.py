@@ -7,7 +7,8 @@ first call cancelled. gRPC has no call that only closes the listener, so this mo
 the process's own listening sockets on the port and shuts them down. The kernel then removes
 them from the port's SO_REUSEPORT group at once, so new connections go to the processes still
 listening, while the connections already accepted keep being served. gRPC's acceptor sees
-its socket fail (it logs ``Failed accept4: Invalid argument`` once) and stops polling it.
+its socket fail (it logs ``Failed accept4: Invalid argument`` once, which the proxy logs at
+info level) and stops polling it.
 
 A connection that completed its handshake but was not yet accepted when the socket is shut
 down is reset by the kernel, unless ``net.ipv4.tcp_migrate_req`` is 1 (Linux 5.14 or newer):
@@ -39,6 +40,9 @@ def close_listeners(port: int) -> int:
 
     The descriptors stay open (gRPC owns and closes them); only the sockets stop listening.
     """
+    from cy_sidecar import logs
+
+    logs.expect_native("Failed accept4: Invalid argument")
     done = 0
     for fd in listening_fds(port):
         # A dup shares the socket: shutting it down affects gRPC's descriptor too, and

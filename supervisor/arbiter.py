@@ -419,6 +419,7 @@ class Supervisor:
             self.meter.close()
         logs.setup(f"{role}-{index}" if role == "proxy" else role,
                    self.cfg.log_level, self.cfg.log_format)
+        logs.capture_native_stderr()  # gRPC's core logs in this child's format too
         if role == "proxy":
             from cy_sidecar.proxy_worker.process import run_proxy
 
