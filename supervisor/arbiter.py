@@ -164,6 +164,7 @@ class Supervisor:
         self.ready_sent = False
         self.reload_ready_due = False  # RELOADING=1 was sent; READY=1 once it is done
         self.reload_queue: list[int] = []
+        self.reload_active = False  # a reload runs until "reload finished" is logged
         self.reload_current: tuple[int, int] | None = None  # (index, old pid)
         self.events: list[tuple[float, str, str]] = []  # recent warnings for status
         self.started = time.time()
@@ -594,6 +595,7 @@ class Supervisor:
         self.stopping = True
         self.restart_at.clear()
         self.reload_queue.clear()
+        self.reload_active = False
         self.notifier.stopping()
         self.stop_deadline = time.monotonic() + self.cfg.drain_grace_secs + SHUTDOWN_EXTRA_SECS
         # Proxies first; the meter stops once they are gone, so it commits their last
@@ -629,6 +631,7 @@ class Supervisor:
         self.reload_queue = sorted(
             c.index for c in self.children.values() if c.role == "proxy" and not c.retiring
         )
+        self.reload_active = True
         return {"ok": True, "replacing": len(self.reload_queue)}
 
     # -- periodic work ---------------------------------------------------------------------
@@ -673,8 +676,10 @@ class Supervisor:
             if olds:
                 self.reload_current = (index, olds[0].pid)
                 self.spawn("proxy", index)
-            if not self.reload_queue:
-                log.info("reload finished procs=%s", self.procs)
+        if self.reload_active and not self.reload_queue and self.reload_current is None:
+            # Every replacement listens and every old proxy was told to retire.
+            self.reload_active = False
+            log.info("reload finished procs=%s", self.procs)
         self._watch_heartbeats(now)
         self._notify(now)
 
