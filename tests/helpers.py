@@ -12,6 +12,7 @@ import grpc
 from cy_sidecar import wire
 
 from cy_sidecar.protos import cy_llm_pb2 as pb
+from cy_sidecar.protos import cy_llm_pb2_grpc as pb_grpc
 
 
 def request(prompt="Tell me a story.", model="demo", tokens=10, tenant="t1", trace_id="",
@@ -113,3 +114,25 @@ def scrape(stack) -> dict[str, float]:
         if match:
             samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
     return samples
+
+
+def proxy_pid_of(channel) -> int:
+    """The pid of the proxy process that serves `channel`'s connection."""
+    stub = pb_grpc.AiInferenceStub(channel)
+    return int(stub.Health(pb.WorkerHealthRequest(), timeout=5).metrics["proxy_pid"])
+
+
+def channel_per_proxy(target: str, procs: int, tries: int = 64) -> list[grpc.Channel]:
+    """One connection to each of `procs` proxy processes (the kernel picks the process of
+    each new connection, so new ones are made until every process has one)."""
+    chosen: dict[int, grpc.Channel] = {}
+    for _ in range(tries):
+        channel = new_channel(target)
+        pid = proxy_pid_of(channel)
+        if pid in chosen:
+            channel.close()
+        else:
+            chosen[pid] = channel
+        if len(chosen) == procs:
+            return list(chosen.values())
+    raise AssertionError(f"{tries} connections reached only {len(chosen)} of {procs} proxies")

@@ -378,10 +378,16 @@ def test_fault_crash_kills_the_process(spawn):
 def test_fault_oom_exit_writes_err_then_dies(spawn):
     worker = spawn()
     conn = Client(worker.path)
+    other = Client(worker.path)  # another proxy's connection, with no stream of its own
+    assert other.ping(1) == []
     conn.request(1, demo_fault="oom_exit", demo_fault_after="1", **FAST)
     frames = conn.frames_until_eof()
-    assert [f["t"] for f in frames] == ["chunk", "err"]
+    assert [f["t"] for f in frames] == ["chunk", "err", "err"]
     assert frames[1]["code"] == "oom" and frames[1]["s"] == 1
+    # Then every connection hears that the process dies of OOM (no stream id).
+    assert frames[2]["code"] == "oom" and "s" not in frames[2]
+    told = other.frames_until_eof()
+    assert [(f["t"], f["code"], "s" in f) for f in told] == [("err", "oom", False)]
     assert worker.wait_exit() == -signal.SIGKILL
 
 

@@ -21,7 +21,7 @@ from cy_sidecar.localrun import cli
 from cy_sidecar.protos import cy_llm_pb2 as pb
 from cy_sidecar.protos import cy_llm_pb2_grpc as pb_grpc
 
-from helpers import collect, new_channel, request, scrape, wait_until
+from helpers import collect, new_channel, proxy_pid_of, request, scrape, wait_until
 
 
 def _clean_env(**extra: str) -> dict:
@@ -40,11 +40,6 @@ def status_json(stack) -> dict:
     proc = run_cli("status", "--json", "--config", stack.config_path)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
-
-
-def proxy_pid_of(channel) -> int:
-    stub = pb_grpc.AiInferenceStub(channel)
-    return int(stub.Health(pb.WorkerHealthRequest(), timeout=5).metrics["proxy_pid"])
 
 
 # -- status, stop, reload, the control socket ------------------------------------------

@@ -14,8 +14,8 @@ import pytest
 from cy_sidecar.protos import cy_llm_pb2 as pb
 from cy_sidecar.protos import cy_llm_pb2_grpc as pb_grpc
 
-from helpers import (collect, health_status, new_channel, record_for, request, scrape,
-                     sink_records, wait_until)
+from helpers import (channel_per_proxy, collect, health_status, new_channel, record_for,
+                     request, scrape, sink_records, wait_until)
 
 
 def proxy_pids(stack) -> set[int]:
@@ -93,6 +93,34 @@ def test_an_oom_death_is_named_as_such_and_metered(running):
     rec = record_for(running, "oom-exit")
     assert rec["status"] == "worker_oom"
     assert rec["delivered_tokens"] == 3
+
+
+def test_an_oom_death_is_named_on_every_proxy_not_only_the_one_that_saw_it(running):
+    channels = channel_per_proxy(running.target, 2)
+    try:
+        stubs = [pb_grpc.AiInferenceStub(ch) for ch in channels]
+        bystanders = [stub.StreamPredict(iter([request(
+            tokens=0, demo_tokens=5000, demo_tps=50, trace_id=f"bystander-{i}")]), timeout=20)
+            for i, stub in enumerate(stubs)]
+        for call in bystanders:
+            next(call)
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stubs[0].StreamPredict(iter([request(
+                tokens=0, demo_tokens=100, demo_fault="oom_exit", demo_fault_after=3,
+                trace_id="oom-everywhere")]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for call in bystanders:
+            with pytest.raises(grpc.RpcError) as cut:
+                collect(call)
+            assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "ran out of memory" in cut.value.details()
+    finally:
+        for ch in channels:
+            ch.close()
+    assert record_for(running, "oom-everywhere")["status"] == "worker_oom"
+    for i in range(2):
+        assert record_for(running, f"bystander-{i}")["status"] == "worker_oom"
+    assert running.sidecar.text().count("worker error code=oom") == 2
 
 
 def test_an_oom_the_worker_survived_does_not_name_a_later_crash(stack):

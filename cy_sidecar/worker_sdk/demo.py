@@ -27,7 +27,8 @@ Per-request fault injection through ``meta.extra`` (all values are strings):
                              a value at or above the length means after the last chunk):
         crash      the process SIGKILLs itself (chunks already produced are flushed first)
         oom        the stream fails: err code oom "CUDA out of memory ..."
-        oom_exit   an err oom frame is written, then the process SIGKILLs itself
+        oom_exit   an err oom frame for the stream, one for every connection (announce_exit),
+                   then the process SIGKILLs itself
         error      the stream fails: err code internal
         stall      no more output and no end, until the proxy cancels the stream
         malformed  bytes that break the protocol, chosen by ``demo_malformed``, then stall:
@@ -316,10 +317,9 @@ class DemoEngine:
             raise WorkerError("oom", "CUDA out of memory. Tried to allocate 2.00 GiB "
                               "(demo fault injection)")
         elif fault == "oom_exit":
-            req.inject_raw(wire.encode({
-                "t": "err", "s": sid, "code": "oom",
-                "msg": "CUDA out of memory; inference worker exiting (demo fault injection)",
-            }))
+            msg = "CUDA out of memory; inference worker exiting (demo fault injection)"
+            req.inject_raw(wire.encode({"t": "err", "s": sid, "code": "oom", "msg": msg}))
+            self.server.announce_exit("oom", msg)
             _sigkill_self()
         elif fault == "error":
             raise WorkerError("internal", "engine failure (demo fault injection)")

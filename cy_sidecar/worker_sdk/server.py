@@ -26,6 +26,7 @@ Public API::
         await serve_forever()  start if needed, return once close() has finished
         await close(grace_secs=0.0)
         set_state(state, eta_ms=0, msg="", models=None)  broadcast a ``state`` frame
+        announce_exit(code, msg)  about to die (e.g. "oom"): tell every proxy, then exit
         info() -> dict         state, pid, models, open stream count (for a "state" command)
 
 Ownership: the server owns the listening socket and its file, every proxy connection, and
@@ -737,6 +738,23 @@ class WorkerServer:
         for conn in list(self._connections):
             if conn.ready:
                 conn.send(frame)
+
+    def announce_exit(self, code: str, msg: str) -> None:
+        """Tell every connected proxy that this process is about to die, and why.
+
+        For an engine that knows it cannot go on (``code`` "oom" after CUDA ran out of
+        memory, or "internal"): each connection gets a connection-level ``err`` frame, written
+        to the socket at once, so every proxy names the death in what its callers receive and
+        in the usage records, not only the one whose request hit the error. The caller exits
+        right after; the proxies see the connections close.
+        """
+        if code not in _ENGINE_CODES:
+            raise ValueError(f"code must be one of {', '.join(_ENGINE_CODES)}, got {code!r}")
+        log.error("exiting code=%s msg=%r connections=%d", code, msg, len(self._connections))
+        for conn in list(self._connections):
+            if conn.ready:
+                conn.send({"t": "err", "code": code, "msg": msg})
+                conn.flush()
 
     def info(self) -> dict[str, Any]:
         return {
