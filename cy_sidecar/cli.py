@@ -276,8 +276,12 @@ def _print_queue(report: dict) -> None:
         else f"pending {report['pending']}"
     )
     typer.echo(f"last successful upload: {time.ctime(last) if last else 'never'}")
-    if report.get("last_upload_error"):
-        typer.echo(f"last upload error: {report['last_upload_error']}")
+    error, when = report.get("last_upload_error"), report.get("last_upload_error_unix")
+    if error and last and when and when < last:
+        typer.echo(f"earlier upload error (uploads work again since): {error} "
+                   f"at {time.ctime(when)}")
+    elif error:
+        typer.echo(f"last upload error: {error}" + (f" at {time.ctime(when)}" if when else ""))
 
 
 @usage_app.command("pending")

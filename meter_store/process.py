@@ -566,6 +566,7 @@ def ledger_report(state_dir: str) -> dict[str, Any]:
         "cumulative_delivered": stats.cumulative_delivered,
         "last_upload_ok_unix": last_ack,
         "last_upload_error": status.get("last_upload_error"),
+        "last_upload_error_unix": status.get("last_upload_error_unix"),
         "totals": stats.totals,
     }
 

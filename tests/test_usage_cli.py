@@ -48,6 +48,28 @@ def test_usage_commands_report_export_and_flush_the_ledger(stack):
     wait_until(lambda: len(stack.sink.json_lines("accepted")) == 3, what="flushed records")
 
 
+def test_usage_pending_tells_a_past_upload_error_from_a_current_one(stack):
+    stack.write_config(**{"metering.batch_interval_secs": 0.2})
+    stack.sink.stop()
+    stack.start_sidecar(procs=1)
+    with new_channel(stack.target) as channel:
+        collect(pb_grpc.AiInferenceStub(channel).StreamPredict(
+            iter([request(tokens=3, trace_id="while-down")]), timeout=10))
+    wait_until(lambda: "last upload error: " in run(stack, "pending").stdout,
+               what="the upload error while the receiver is down")
+    stack.start_sink()
+    wait_until(lambda: stack.sink.json_lines("accepted"), timeout=30,
+               what="the upload once the receiver is back")
+
+    def nothing_pending():
+        out = run(stack, "pending").stdout
+        return out if "pending 0" in out else None
+
+    out = wait_until(nothing_pending, what="nothing pending")
+    assert "earlier upload error (uploads work again since): " in out
+    assert "last upload error: " not in out
+
+
 def test_usage_without_a_ledger_says_where_it_looked(tmp_path):
     config = tmp_path / "s.toml"
     config.write_text(f'[metering]\nstate_dir = "{tmp_path / "nothing"}"\n')
