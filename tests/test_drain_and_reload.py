@@ -142,8 +142,10 @@ def test_sigterm_cuts_streams_at_the_grace_deadline_and_records_their_partial_us
     started = time.monotonic()
     stack.sidecar.signal(signal.SIGTERM)
 
-    # New streams are refused at once while the old ones drain.
-    stack.sidecar.wait_for(r"proxy draining")
+    # New streams are refused at once while the old ones drain (once both proxies drain:
+    # each handles its own SIGTERM).
+    wait_until(lambda: stack.sidecar.text().count("proxy draining") == 2,
+               what="both proxies draining")
     assert asyncio.run(asyncio.wait_for(_fresh_call_code(stack.target), 20)) \
         == grpc.StatusCode.UNAVAILABLE
 
