@@ -270,8 +270,10 @@ def _coerce(setting: Setting, value: Any, where: str) -> Any:
     elif setting.type is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
+        # ASCII digits with at most one sign, and short: int() would also take "²" or
+        # "1_000", and refuses (with a ValueError) more than 4300 digits.
+        if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,18}", value.strip()):
+            return int(value.strip())
     elif setting.type is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -282,8 +284,11 @@ def _coerce(setting: Setting, value: Any, where: str) -> Any:
                 pass
     elif setting.type is str and isinstance(value, str):
         return value
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = f"{shown[:60]}... ({len(shown)} characters)"
     raise ConfigError(
-        f"{name} = {value!r} ({where}) is not allowed: expected {setting.type.__name__}"
+        f"{name} = {shown} ({where}) is not allowed: expected {setting.type.__name__}"
     )
 
 
@@ -324,8 +329,21 @@ def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
             ) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        except ValueError as exc:  # the TOML parser's own limits, e.g. a 5000-digit number
+            reason = str(exc).split(";")[0]
+            raise ConfigError(f"config file {path} is not usable TOML: {reason}") from None
         for section, keys in data.items():
-            if section not in values or not isinstance(keys, dict):
+            if section in values and isinstance(keys, list):
+                raise ConfigError(f"[[{section}]] in {path} is an array of tables: write "
+                                  f"one [{section}] table")
+            if section in values and not isinstance(keys, dict):
+                raise ConfigError(f"{section} = {keys!r} in {path} is a value at the top "
+                                  f"level: settings go in a [{section}] table")
+            if section not in values:
+                if not isinstance(keys, dict):
+                    raise ConfigError(
+                        f"{section} = {keys!r} in {path} is not a setting: settings go in "
+                        "one of the tables " + ", ".join(f"[{sec}]" for sec in SECTIONS))
                 raise ConfigError(
                     f"[{section}] in {path} is not a known section: expected one of "
                     + ", ".join(SECTIONS)

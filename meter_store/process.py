@@ -56,6 +56,8 @@ LEDGER_RETRY_SECS = 1.0
 ERROR_REPEAT_SECS = 60.0
 ERROR_CHANGE_SECS = 2.0
 FINAL_UPLOAD_SECS = 3.0
+# Without a supervisor, wait for the proxies at most their drain period plus this long.
+ORPHAN_EXTRA_SECS = 10.0
 PRUNE_INTERVAL_SECS = 3600.0
 FORCE_FLUSH_SECS = 30.0
 
@@ -503,6 +505,8 @@ def run_meter(cfg: Any, meter_path: str, old_meter_files: list[str]) -> int:
             uploader = _UploadThread(cfg, meter.path, meter.uploads)
             uploader.start()
         next_tick = time.monotonic() + TICK_SECS
+        parent = os.getppid()
+        orphaned_at: float | None = None
         while not stopping:
             time.sleep(COMMIT_INTERVAL_SECS)
             if stopping:
@@ -511,6 +515,17 @@ def run_meter(cfg: Any, meter_path: str, old_meter_files: list[str]) -> int:
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + TICK_SECS
                 meter.tick()
+            if orphaned_at is None and os.getppid() != parent:
+                # The supervisor died: its proxies drain and exit by themselves; commit
+                # what they close until they are gone (bounded), then stop like on SIGTERM.
+                orphaned_at = time.monotonic()
+                log.error("meter lost its supervisor parent=%s next=commit what the proxies "
+                          "close, then exit", parent)
+            if orphaned_at is not None and (
+                not _proxies_alive(current)
+                or time.monotonic() - orphaned_at > cfg.drain_grace_secs + ORPHAN_EXTRA_SECS
+            ):
+                break
         # Shutdown: what the proxies closed until now is committed, then uploaded once more.
         meter.commit_pass(force=True)
         if uploader is not None:
@@ -529,6 +544,21 @@ def run_meter(cfg: Any, meter_path: str, old_meter_files: list[str]) -> int:
             server.shutdown()
             server.server_close()
         meter.close()
+
+
+def _proxies_alive(meter: MeterFile) -> bool:
+    """Whether a process that owns a region of the meter file still exists."""
+    for region in range(meter.geometry.regions):
+        pid, _ = meter.region_owner(region)
+        if pid and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                return True
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                return True
+    return False
 
 
 # -- for the CLI (`cy-sidecar usage ...`) ---------------------------------------------------

@@ -613,7 +613,11 @@ class Supervisor:
             return {"ok": False, "error": "the sidecar is stopping"}
         try:
             cfg = config_mod.load(self.config_path).with_overrides(procs=self.procs)
-        except config_mod.ConfigError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the file holds, a reload must
+            # never end the sidecar; a ConfigError is the expected, one-line kind.
+            if not isinstance(exc, config_mod.ConfigError):
+                log.exception("reload config load failed unexpectedly path=%s",
+                              self.config_path)
             log.error("reload refused reason=%s error=%r next=keep running the old config",
                       why, str(exc))
             self._event("error", f"reload refused: {exc}")

@@ -363,3 +363,24 @@ def test_reload_after_the_config_file_was_removed_exits_with_the_config_code(tmp
     finally:
         st.stop()
     assert st.sidecar.popen.returncode == 0
+
+
+def test_sighup_with_a_bad_value_in_the_file_keeps_the_sidecar_serving(tmp_path):
+    st = Stack.create(root=str(tmp_path))
+    st.write_config()
+    try:
+        st.start_worker()
+        st.start_sidecar(procs=1)
+        st.write_config(**{"health.max_reconnect_attempts": "--5"})  # a string in TOML
+        mark = len(st.sidecar.lines)
+        st.sidecar.signal(signal.SIGHUP)
+        st.sidecar.wait_for(r"reload refused", start=mark)
+        assert "Traceback" not in st.sidecar.text()
+        assert "health.max_reconnect_attempts = '--5'" in st.sidecar.text()
+        env = _clean_env(SIDECAR_CONTROL_SOCKET=os.path.join(st.state_dir, "control.sock"))
+        proc = run_cli("status", "--json", env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert st.sidecar.popen.poll() is None
+    finally:
+        st.stop()
+    assert st.sidecar.popen.returncode == 0

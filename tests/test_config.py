@@ -48,6 +48,11 @@ def test_environment_overrides_the_file_and_says_so(tmp_path):
         ("[server]\nnot_a_key = 1\n", "server.not_a_key"),
         ("[nosuch]\nx = 1\n", "[nosuch]"),
         ("[server\n", "not valid TOML"),
+        ("[server]\nprocs = " + "9" * 5000 + "\n", "not usable TOML"),
+        ('[server]\nmax_concurrent_streams = "--5"\n', "server.max_concurrent_streams = '--5'"),
+        ("[[server]]\nprocs = 2\n", "[[server]] in"),
+        ("server = 1\n", "is a value at the top level"),
+        ("x = 1\n", "x = 1 in"),
     ],
 )
 def test_a_bad_file_raises_one_line_naming_what_is_wrong(tmp_path, text, message):
@@ -57,6 +62,13 @@ def test_a_bad_file_raises_one_line_naming_what_is_wrong(tmp_path, text, message
         config.load(str(path), env={})
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["--5", "\u00b2", "1_000", "9" * 5000, "0x10", ""])
+def test_an_integer_from_the_environment_is_plain_digits_or_a_config_error(value):
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, env={"SIDECAR_PROCS": value})
+    assert "env SIDECAR_PROCS" in str(err.value) and len(str(err.value)) < 300
 
 
 def test_a_bad_environment_value_names_the_variable():

@@ -14,7 +14,7 @@ import psutil
 
 from cy_sidecar.protos import cy_llm_pb2_grpc as pb_grpc
 
-from helpers import collect, new_channel, request, wait_until
+from helpers import collect, new_channel, request, sink_records, wait_until
 
 
 def proxies(stack) -> list[int]:
@@ -74,3 +74,25 @@ def test_a_child_that_cannot_boot_stops_the_sidecar_with_its_exit_code(running):
     assert "cannot open meter file" in text
     assert "cannot boot" in text and "stopping the sidecar" in text
 
+
+
+def test_children_of_a_killed_supervisor_finish_their_work_and_leave(stack):
+    """SIGKILL to the supervisor alone: the proxies drain and exit, the meter commits what
+    they closed and exits too (none is left holding the port), and a new start serves."""
+    stack.start_sidecar(procs=2)
+    children = psutil.Process(stack.sidecar.pid).children()
+    assert len(children) == 3
+    with new_channel(stack.target) as channel:
+        stub = pb_grpc.AiInferenceStub(channel)
+        for i in range(5):
+            collect(stub.StreamPredict(iter([request(tokens=3, trace_id=f"orphan-{i}")]),
+                                       timeout=10))
+    os.kill(stack.sidecar.pid, signal.SIGKILL)
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [p.pid for p in alive]
+    text = stack.sidecar.text()
+    assert "proxy lost its supervisor" in text and "meter lost its supervisor" in text
+    stack.start_sidecar(procs=1)
+    wait_until(lambda: {f"orphan-{i}" for i in range(5)}
+               <= {r["trace_id"] for r in sink_records(stack)}, timeout=30,
+               what="every record at the sink")
