@@ -121,14 +121,16 @@ class _Protocol(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        # Any bytes prove the worker alive: a busy worker may answer pings late.
-        self.link._last_pong = time.monotonic()
         error = None
         try:
             frames = self.decoder.feed(data)
         except wire.FrameError as exc:
             # Frames that arrived whole before the bad bytes are still the worker's output.
             frames, error = exc.frames, exc
+        if frames:
+            # Any whole frame proves the worker alive (a busy worker may answer pings late);
+            # bytes that never complete a frame do not: a worker stuck mid-frame is reset.
+            self.link._last_pong = time.monotonic()
         dispatch = self.link.dispatch
         try:
             for frame in frames:

@@ -15,7 +15,10 @@ from __future__ import annotations
 import os
 import time
 
+from cy_sidecar import logs
 from cy_sidecar.meter_store.slots import FREE, MeterFile
+
+log = logs.get("proxy.meter")
 
 
 class MeterFull(RuntimeError):
@@ -98,16 +101,21 @@ class UsageRecord:
         meter.add_delivered(self.mbase, grown, delivered)
 
     def apply_usage(self, usage: dict | None) -> None:
-        """The worker's own usage report (end frame): fills what the chunks did not say."""
+        """The worker's own usage report (end frame): the prompt tokens, which the chunks
+        may not have said; a completion count that differs from the chunks' is logged."""
         if not usage or self.status is not None:
             return
         prompt = usage.get("prompt_tokens")
         completion = usage.get("completion_tokens")
         if isinstance(prompt, int) and prompt >= 0:
             self.prompt = prompt
-        if isinstance(completion, int) and completion > self.generated:
-            self._meter.add_delivered(self.mbase, completion - self.generated, 0)
-            self.generated = completion
+        # Every chunk of the stream arrived before this end frame, so the chunks' own
+        # counts are the generated tokens; a usage report that disagrees cannot add any.
+        if isinstance(completion, int) and completion != self.generated:
+            log.warning(
+                "worker usage disagrees record_id=%s completion_tokens=%s chunk_tokens=%s "
+                "next=record the chunks' count", self.record_id, completion, self.generated,
+            )
         self._meter.set_counts(self.wbase, self.prompt, self.generated, self.delivered)
 
     def close(self, status: str, finish_reason: str = "") -> bool:

@@ -72,6 +72,9 @@ class ScriptedWorker:
         elif case == "usage_huge":
             frames.append({"t": "end", "s": sid, "reason": "stop",
                            "usage": {"prompt_tokens": (1 << 64) - 1, "completion_tokens": 2}})
+        elif case == "usage_inflated":
+            frames.append({"t": "end", "s": sid, "reason": "stop",
+                           "usage": {"prompt_tokens": 2, "completion_tokens": 1 << 31}})
         elif case == "usage_bool":
             frames.append({"t": "end", "s": sid, "reason": "stop",
                            "usage": {"prompt_tokens": True, "completion_tokens": 2}})
@@ -130,6 +133,17 @@ def test_impossible_counts_from_the_worker_reset_the_connection_and_block_nothin
     assert rec["delivered_tokens"] == 2 and rec["prompt_tokens"] < 1 << 31
     assert record_for(scripted, "after")["status"] == "finished"
     assert "worker protocol error" in scripted.sidecar.text()
+
+
+def test_a_usage_report_cannot_add_tokens_the_chunks_did_not_carry(scripted):
+    with new_channel(scripted.target) as channel:
+        out = collect(pb_grpc.AiInferenceStub(channel).StreamPredict(
+            iter([request(case="usage_inflated", trace_id="inflated")]), timeout=10))
+    assert out["tokens"] == 2
+    rec = record_for(scripted, "inflated")
+    assert rec["status"] == "finished"
+    assert rec["generated_tokens"] == 2 and rec["delivered_tokens"] == 2
+    assert "worker usage disagrees" in scripted.sidecar.text()
 
 
 def _try(stub, trace_id):
