@@ -27,6 +27,7 @@ class ScriptedWorker:
     def __init__(self, path: str, hello: dict | None = None):
         self.path = path
         self.hello = hello or {}
+        self.stuck = False  # "trickle": no more pongs, a frame that never completes
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -50,7 +51,7 @@ class ScriptedWorker:
                 for frame in decoder.feed(data):
                     if frame["t"] == "hello":
                         writer.write(wire.encode(hello))
-                    elif frame["t"] == "ping":
+                    elif frame["t"] == "ping" and not self.stuck:
                         writer.write(wire.encode({"t": "pong", "id": frame["id"]}))
                     elif frame["t"] == "req":
                         self._reply(frame, writer)
@@ -63,6 +64,10 @@ class ScriptedWorker:
     def _reply(self, req: dict, writer) -> None:
         sid = req["s"]
         case = req["meta"]["extra"].get("case", "ok")
+        if case == "trickle":
+            self.stuck = True
+            asyncio.ensure_future(self._trickle(writer))
+            return
         chunk = {"t": "chunk", "s": sid, "text": "word ", "n": 1}
         frames = [dict(chunk), dict(chunk)]
         if case == "p_huge":
@@ -87,6 +92,15 @@ class ScriptedWorker:
         for frame in frames:
             # Encoded by hand: wire.encode would refuse nothing here, the peer must.
             writer.write(wire.encode(frame))
+
+    async def _trickle(self, writer) -> None:
+        """A frame header announcing 1000 bytes, then one byte at a time (bounded)."""
+        writer.write(wire.HEADER.pack(1000))
+        for _ in range(60):
+            await asyncio.sleep(0.25)
+            if writer.is_closing():
+                return
+            writer.write(b" ")
 
     def close(self) -> None:
         async def shutdown():
@@ -144,6 +158,18 @@ def test_a_usage_report_cannot_add_tokens_the_chunks_did_not_carry(scripted):
     assert rec["status"] == "finished"
     assert rec["generated_tokens"] == 2 and rec["delivered_tokens"] == 2
     assert "worker usage disagrees" in scripted.sidecar.text()
+
+
+def test_a_worker_stuck_in_the_middle_of_a_frame_is_reset_like_a_silent_one(scripted):
+    # Bytes keep coming but never complete a frame, and pings go unanswered.
+    with new_channel(scripted.target) as channel:
+        stub = pb_grpc.AiInferenceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub.StreamPredict(iter([request(case="trickle", trace_id="stuck")]),
+                                       timeout=12))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "stopped answering pings" in err.value.details()
+    assert record_for(scripted, "stuck")["status"] == "worker_crash"
 
 
 def _try(stub, trace_id):
