@@ -592,8 +592,10 @@ class WorkerLink:
         self._next_ctl += 1
         waiter = self.loop.create_future()
         self._ctl_waiters[cid] = waiter
-        self.send({"t": "ctl", "id": cid, "cmd": cmd, "payload": payload})
         try:
+            # A frame over the limit raises wire.FrameError here, naming its size.
+            if not self.send({"t": "ctl", "id": cid, "cmd": cmd, "payload": payload}):
+                raise ConnectionError("inference worker is not connected")
             return await asyncio.wait_for(waiter, timeout)
         finally:
             self._ctl_waiters.pop(cid, None)

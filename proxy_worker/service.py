@@ -35,6 +35,7 @@ from grpc_health.v1 import health_pb2
 
 from cy_sidecar import logs
 from cy_sidecar import metrics as m
+from cy_sidecar import wire
 from cy_sidecar.protos import cy_llm_pb2 as pb
 from cy_sidecar.protos import cy_llm_pb2_grpc as pb_grpc
 
@@ -51,6 +52,19 @@ FRAME_MARGIN_BYTES = 64  # the stream id and credit fields added by the link
 RETRY_PUSHBACK_MS = 1000
 FIELD_MAX_BYTES = 126
 SERVICE_NAME = "cy.llm.AiInference"
+
+# A status message carries text from the worker or the caller; gRPC refuses trailers past
+# its metadata limit (the caller would get RESOURCE_EXHAUSTED and no usage trailers).
+MAX_DETAIL_CHARS = 1000
+MAX_COMMAND_CHARS = 128
+
+
+def _clip(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """`text`, cut to `limit` characters with a note of how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters in all)"
+
 
 _ERR_STATUS = {
     "oom": (grpc.StatusCode.RESOURCE_EXHAUSTED, "worker_oom"),
@@ -457,7 +471,7 @@ class ProxyService(pb_grpc.AiInferenceServicer):
                         await context.abort(
                             grpc_code,
                             f"{_ERR_HINT.get(code, 'inference worker error')}: "
-                            f"{event.get('msg', '')}",
+                            f"{_clip(str(event.get('msg', '')))}",
                             trailing_metadata=trailers,
                         )
                     if isinstance(event, wl.Lost):
@@ -557,20 +571,29 @@ class ProxyService(pb_grpc.AiInferenceServicer):
     # -- Control and Health ---------------------------------------------------------------
 
     async def Control(self, request, context):
+        command = request.command
+        if not command or len(command) > MAX_COMMAND_CHARS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"command is {len(command)} characters; expected 1 to {MAX_COMMAND_CHARS}",
+            )
         payload = dict(request.payload)
         try:
-            reply = await self.link.control(request.command, payload)
+            reply = await self.link.control(command, payload)
         except ConnectionError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"control not delivered: {exc}")
+        except wire.FrameError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"control command {command!r} is too large to send: {exc}")
         except asyncio.TimeoutError:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"inference worker did not answer control command {request.command!r}",
+                f"inference worker did not answer control command {command!r}",
             )
         if not reply.get("ok"):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"inference worker refused {request.command!r}: {reply.get('msg', '')}",
+                f"inference worker refused {command!r}: {_clip(str(reply.get('msg', '')))}",
             )
         out = {str(k): str(v) for k, v in (reply.get("payload") or {}).items()}
         return pb.ControlMessage(trace_id=request.trace_id, command=request.command, payload=out)

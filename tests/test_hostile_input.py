@@ -80,6 +80,8 @@ class ScriptedWorker:
         elif case == "usage_inflated":
             frames.append({"t": "end", "s": sid, "reason": "stop",
                            "usage": {"prompt_tokens": 2, "completion_tokens": 1 << 31}})
+        elif case == "err_huge":
+            frames.append({"t": "err", "s": sid, "code": "internal", "msg": "x" * 900_000})
         elif case == "usage_bool":
             frames.append({"t": "end", "s": sid, "reason": "stop",
                            "usage": {"prompt_tokens": True, "completion_tokens": 2}})
@@ -170,6 +172,38 @@ def test_a_worker_stuck_in_the_middle_of_a_frame_is_reset_like_a_silent_one(scri
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "stopped answering pings" in err.value.details()
     assert record_for(scripted, "stuck")["status"] == "worker_crash"
+
+
+def test_a_huge_worker_error_message_is_cut_and_the_usage_trailers_still_arrive(scripted):
+    with new_channel(scripted.target) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            collect(pb_grpc.AiInferenceStub(channel).StreamPredict(
+                iter([request(case="err_huge", trace_id="err-huge")]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "(900000 characters in all)" in err.value.details()
+    assert len(err.value.details()) < 2000
+    trailers = dict(err.value.trailing_metadata())
+    assert trailers["cy-usage-status"] == "worker_error"
+    assert trailers["cy-usage-delivered-tokens"] == "2"
+
+
+def test_control_commands_too_long_or_too_large_are_invalid_and_harm_nothing(running):
+    with new_channel(running.target) as channel:
+        stub = pb_grpc.AiInferenceStub(channel)
+        for message, expected in [
+            (pb.ControlMessage(command="x" * 200), "command is 200 characters"),
+            (pb.ControlMessage(command=""), "command is 0 characters"),
+            (pb.ControlMessage(command="state", payload={"blob": "y" * 1_200_000}),
+             "too large to send"),
+        ]:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Control(message, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert expected in err.value.details()
+        reply = stub.Control(pb.ControlMessage(command="state"), timeout=10)
+        assert reply.payload["state"] == "ready"
+        health = stub.Health(pb.WorkerHealthRequest(), timeout=5)
+        assert health.healthy
 
 
 def _try(stub, trace_id):
