@@ -311,11 +311,26 @@ def usage_export(
         except OSError as exc:
             fail(f"--out {out} cannot be written: {_why_not_writable(out, exc)}",
                  exitcodes.CANT_CREATE)
-        with fh:
-            count = _ledger_call(export_records, cfg.state_dir, fmt, fh)
+    try:
+        if out:
+            with fh:
+                count = _ledger_call(export_records, cfg.state_dir, fmt, fh)
+        else:
+            _ledger_call(export_records, cfg.state_dir, fmt, sys.stdout)
+            sys.stdout.flush()
+    except OSError as exc:
+        import errno
+        import os
+
+        if not out:
+            # Nothing more can be written there, not even at exit.
+            sys.stdout = open(os.devnull, "w")
+            if exc.errno == errno.EPIPE:  # the reader stopped reading (`| head`)
+                raise typer.Exit(exitcodes.OK)
+        fail(f"writing the export to {out or 'standard output'} failed: "
+             f"{exc.strerror or exc}; what was written is incomplete", exitcodes.CANT_CREATE)
+    if out:
         typer.echo(f"wrote {count} rows to {out}", err=True)
-    else:
-        _ledger_call(export_records, cfg.state_dir, fmt, sys.stdout)
 
 
 def _why_not_writable(path: str, exc: OSError) -> str:

@@ -159,6 +159,29 @@ def test_usage_export_to_an_unwritable_out_path_fails_with_one_line(tmp_path, wh
     assert proc.stdout == ""
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("to", ["--out", "stdout"])
+def test_usage_export_to_a_full_disk_fails_with_one_line(tmp_path, to):
+    from cy_sidecar.meter_store.ledger import Ledger
+
+    state = tmp_path / "state"
+    state.mkdir()
+    Ledger(str(state / "ledger.db")).close()  # an empty ledger: the CSV header is written
+    conf = tmp_path / "sidecar.toml"
+    write_config(conf, **{"metering.state_dir": str(state)})
+    args = ["usage", "export", "--format", "csv", "--config", str(conf)]
+    if to == "--out":
+        proc = run_cli(*args, "--out", "/dev/full")
+    else:
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run(cli(*args), stdout=full, stderr=subprocess.PIPE, text=True,
+                                  timeout=60, env=_clean_env(), stdin=subprocess.DEVNULL)
+    assert proc.returncode == exitcodes.CANT_CREATE
+    line = error_line(proc)
+    where = "/dev/full" if to == "--out" else "standard output"
+    assert f"writing the export to {where} failed: No space left on device" in line
+
+
 # -- 4. what `config check` passes, `start` accepts: one check for both -----------------
 
 
