@@ -250,6 +250,13 @@ class _Meter:
     def _ledger_recovered(self) -> None:
         if self.ledger_error is not None:
             log.info("ledger_writable_again path=%s", self.path)
+            # After a full disk, move the WAL into the database and truncate it now rather
+            # than once it passes its bound: on a nearly full disk that space is needed.
+            if self.ledger is not None:
+                try:
+                    self.ledger.checkpoint(force=True)
+                except LedgerError as exc:
+                    log.warning("checkpoint_after_recovery_failed error=%s", exc)
         self.ledger_error = None
 
     # -- commit --------------------------------------------------------------------------

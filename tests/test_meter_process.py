@@ -391,6 +391,8 @@ def test_an_unusable_ledger_keeps_records_in_shared_memory_until_it_works(make_e
     assert st["last_seq"] == 5
     assert env.writer.states()[CLOSED] == 0
     assert "ledger_writable_again" in meter.text()
+    # Checkpointed at once on recovery: the WAL gave its space back.
+    assert os.path.getsize(blocker + "-wal") == 0
 
 
 def test_old_meter_files_are_drained_then_deleted(make_env):
