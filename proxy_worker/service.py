@@ -31,6 +31,7 @@ import time
 
 import grpc
 import orjson
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
 from cy_sidecar import logs
@@ -308,7 +309,11 @@ class ProxyService(pb_grpc.AiInferenceServicer):
                 f"no StreamPredictRequest within {FIRST_MESSAGE_TIMEOUT_SECS:.0f} s of "
                 "opening the stream",
             )
-        req = read.result()
+        try:
+            req = read.result()
+        except DecodeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the first message is not a StreamPredictRequest: {exc}")
         if req is grpc.aio.EOF:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,

@@ -235,6 +235,17 @@ def test_a_bad_hello_is_refused_and_retried_not_half_accepted(stack, hello, prob
         worker.close()
 
 
+def test_a_corrupt_first_message_is_invalid_argument(running):
+    with new_channel(running.target) as channel:
+        raw = channel.stream_stream("/cy.llm.AiInference/StreamPredict",
+                                    request_serializer=lambda b: b,
+                                    response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as err:
+            list(raw(iter([b"\x0a\xff\xff\xff"]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a StreamPredictRequest" in err.value.details()
+
+
 def test_a_stream_closed_before_its_first_message_is_invalid_argument(running):
     with new_channel(running.target) as channel:
         with pytest.raises(grpc.RpcError) as err:
