@@ -16,10 +16,10 @@ stream of this process by stream id. The link owns the connection's lifecycle:
 
 When the connection is lost every open stream receives a :class:`Lost` event at once, so the
 callers see a specific error within milliseconds instead of waiting for a timeout. Whether the
-death looks like an out-of-memory kill is part of that event: the worker said so for the whole
-connection (an ``err`` frame code ``oom`` without a stream), or the last thing it did was fail
-a stream with ``oom`` (no stream ended and no pong came after it), or the cgroup's
-``oom_kill`` counter went up. An OOM the worker survived does not colour a later death.
+death was an out-of-memory kill is part of that event: the worker said so for the whole
+connection (an ``err`` frame code ``oom`` without a stream, sent by the SDK's
+``announce_exit``), or the cgroup's ``oom_kill`` counter went up. A stream the worker failed
+with ``oom`` says nothing about a later death (it may have lived on).
 """
 
 from __future__ import annotations
@@ -189,8 +189,6 @@ class WorkerLink:
         self._ctl_waiters: dict[int, asyncio.Future] = {}
         self._state_changed = asyncio.Event()
         self._oom_seen = False  # the worker said it is dying of OOM (connection-level err)
-        # A stream failed with oom and the worker has shown no sign of life since.
-        self._stream_oom_last = False
         self._oom_kills_at_connect: int | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
@@ -312,7 +310,6 @@ class WorkerLink:
         self._proto = proto
         self._out = []
         self._oom_seen = False
-        self._stream_oom_last = False
         self._oom_kills_at_connect = _cgroup_oom_kills()
         self._first_sid = self._next_sid
         self._cancelled.clear()
@@ -399,7 +396,7 @@ class WorkerLink:
             unanswered += 1
 
     def _connection_ended(self) -> None:
-        oom = self._oom_seen or self._stream_oom_last
+        oom = self._oom_seen
         kills = _cgroup_oom_kills()
         if kills is not None and self._oom_kills_at_connect is not None:
             oom = oom or kills > self._oom_kills_at_connect
@@ -504,9 +501,6 @@ class WorkerLink:
                     frame.get("code"), frame.get("msg"), self.worker_pid,
                 )
                 return True
-            # After an oom failure of one stream, another stream ending shows the worker
-            # lived on.
-            self._stream_oom_last = kind == "err" and frame.get("code") == "oom"
             stream = self.streams.pop(sid, None)
             if stream is None:
                 # An end racing our cancel is normal; anything else is a protocol error.
@@ -516,7 +510,6 @@ class WorkerLink:
             return True
         if kind == "pong":
             self._last_pong = time.monotonic()
-            self._stream_oom_last = False
             return True
         if kind == "ping":
             self._last_pong = time.monotonic()
