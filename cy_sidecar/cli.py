@@ -12,9 +12,9 @@ import sys
 from typing import Optional
 
 # A service manager may stop `cy-sidecar start` a moment after starting it. Until the
-# supervisor installs its own handlers (after the imports below and the config), stop and
-# reload signals are recorded here instead of their default action killing a half-started
-# process; the supervisor then acts on them.
+# supervisor takes over (after the imports below and the config), stop and reload signals
+# are recorded here instead of their default action killing a half-started process; the
+# supervisor then acts on them.
 EARLY_SIGNALS: list[int] = []
 if sys.argv[1:2] == ["start"]:
     for _sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
@@ -60,16 +60,14 @@ def start(
 ) -> None:
     """Run the sidecar in the foreground: N proxy processes and one meter process."""
     cfg = load_config(config, procs=procs)
-    from cy_sidecar import logs
-    from cy_sidecar.supervisor.arbiter import StartupError, Supervisor
+    from cy_sidecar.supervisor.main import exec_supervisor
 
-    logs.setup("supervisor", cfg.log_level, cfg.log_format)
-    sup = Supervisor(cfg, config_path=cfg.path, early_signals=EARLY_SIGNALS)
+    # The supervisor runs without this command's libraries (see supervisor/main.py).
     try:
-        sup.prepare()
-    except StartupError as exc:
-        fail(str(exc), exc.code)
-    raise typer.Exit(sup.run())
+        exec_supervisor(cfg, EARLY_SIGNALS)
+    except OSError as exc:
+        fail(f"cannot start the supervisor with {sys.executable}: {exc.strerror or exc}",
+             exitcodes.FAILURE)
 
 
 @app.command()

@@ -250,8 +250,15 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
                     signal.SIGQUIT):
             signal.signal(sig, self._record_signal)
-        # Taken over only now that this supervisor's handlers record anything newer.
-        early, self._early_signals[:] = list(self._early_signals), []
+        # `cy-sidecar start` blocked these before handing its process over (main.py):
+        # what is pending now reaches the handlers above.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT,
+                                                    signal.SIGHUP, signal.SIGQUIT))
+        # Taken over only now that this supervisor's handlers record anything newer; what
+        # the unblocking just delivered counts as arrived while starting too.
+        early = list(self._early_signals) + self.signals
+        self._early_signals[:] = []
+        self.signals = []
         for sig in early:
             if sig == signal.SIGHUP:
                 log.info("supervisor reload signal=SIGHUP while starting next=use the "
