@@ -61,6 +61,8 @@ COLUMNS = (
     "cumulative_delivered", "acked_unix_ms", "attempts", "ambiguous", "pos",
 )
 _SELECT = ", ".join(COLUMNS)
+# commit() builds each fresh row as a tuple in COLUMNS order.
+_INSERT_RECORD = f"INSERT INTO records({_SELECT}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
 class LedgerError(RuntimeError):
@@ -358,7 +360,7 @@ class Ledger:
                 "COALESCE((SELECT MAX(pos) FROM records), 0))"
             ).fetchone()
             fresh: list[SlotRecord] = []
-            rows: list[dict[str, Any]] = []
+            rows: list[tuple[Any, ...]] = []
             skipped = 0
             for rec in ordered:
                 if rec.record_id in known:
@@ -369,22 +371,17 @@ class Ledger:
                 pos += 1
                 cumulative += rec.delivered_tokens
                 fresh.append(rec)
-                rows.append({
-                    "record_id": rec.record_id, "kind": "record", "boot_id": boot_id,
-                    "seq": last_seq, "model": rec.model, "tenant": rec.tenant,
-                    "trace_id": rec.trace_id, "status": rec.status,
-                    "finish_reason": rec.finish_reason,
-                    "prompt_tokens": rec.prompt_tokens,
-                    "generated_tokens": rec.generated_tokens,
-                    "delivered_tokens": rec.delivered_tokens,
-                    "started_unix_ms": rec.started_unix_ms,
-                    "ended_unix_ms": rec.ended_unix_ms, "committed_unix_ms": now_ms,
-                    "record_count": 1, "hour": utc_hour(rec.ended_unix_ms or now_ms),
-                    "cumulative_delivered": cumulative, "acked_unix_ms": None,
-                    "attempts": 0, "ambiguous": 0, "pos": pos,
-                })
+                rows.append((
+                    rec.record_id, "record", boot_id, last_seq, rec.model, rec.tenant,
+                    rec.trace_id, rec.status, rec.finish_reason, rec.prompt_tokens,
+                    rec.generated_tokens, rec.delivered_tokens, rec.started_unix_ms,
+                    rec.ended_unix_ms, now_ms, 1, utc_hour(rec.ended_unix_ms or now_ms),
+                    cumulative, None, 0, 0, pos,
+                ))
             if rows:
-                self.db.table("records").insert_all(rows, batch_size=200)
+                # One prepared statement for the batch: sqlite-utils' insert_all rebuilds
+                # and type-checks every row, which was two thirds of a commit's time.
+                conn.executemany(_INSERT_RECORD, rows)
                 conn.execute(
                     "INSERT INTO boots(boot_id, last_seq, cumulative_delivered, "
                     "first_unix_ms, last_unix_ms, last_pos) VALUES (?, ?, ?, ?, ?, ?) "
