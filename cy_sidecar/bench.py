@@ -925,7 +925,7 @@ class Bench:
         return self._report(started, runs, details, errors, ledger_runs, profile)
 
     def _one_repeat(self, rep: int):
-        direct = Proc("direct", [sys.executable, "-m", "cy_sidecar.bench", "direct-server",
+        direct = Proc("direct", [sys.executable, "-P", "-m", "cy_sidecar.bench", "direct-server",
                                  "--port", "0"], env=_clean_env(),
                       log_path=os.path.join(self.root, f"direct-{rep}.log"))
         try:
@@ -1028,7 +1028,7 @@ class Bench:
             def to_probe() -> None:
                 stack.worker.stop()
                 _wait_proxies(control, False, 15)
-                proc = Proc("probe-worker", [sys.executable, "-m", "cy_sidecar.bench",
+                proc = Proc("probe-worker", [sys.executable, "-P", "-m", "cy_sidecar.bench",
                                              "probe-worker", "--uds", stack.worker_path],
                             env=_clean_env(), log_path=os.path.join(root, "probe.log"))
                 probe.append(proc)

@@ -47,7 +47,7 @@ class Proc:
     """A child process whose stdout and stderr lines are collected as they come."""
 
     def __init__(self, name: str, argv: list[str], env: dict | None = None,
-                 log_path: str | None = None):
+                 log_path: str | None = None, cwd: str | None = None):
         self.name = name
         self.argv = argv
         self.lines: list[tuple[str, str]] = []  # (stream, line)
@@ -55,7 +55,7 @@ class Proc:
         self._log = open(log_path, "a", encoding="utf-8") if log_path else None
         self.popen = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-            env=env, text=True, bufsize=1, start_new_session=True,
+            env=env, text=True, bufsize=1, start_new_session=True, cwd=cwd,
         )
         self.pid = self.popen.pid
         self._threads = [
@@ -157,7 +157,9 @@ class Proc:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cy_sidecar", *args]
+    # -P: run the installed package even from a checkout, whose cy_sidecar/ folder lacks the
+    # process folders that installing maps into it.
+    return [sys.executable, "-P", "-m", "cy_sidecar", *args]
 
 
 @dataclasses.dataclass
@@ -245,13 +247,15 @@ class Stack:
         return self.worker
 
     def start_sidecar(self, procs: int = 2, env: dict | None = None, wait: bool = True,
-                      timeout: float = 30.0) -> Proc:
+                      timeout: float = 30.0, argv0: list[str] | None = None,
+                      cwd: str | None = None) -> Proc:
+        """`argv0`: the command that runs cy-sidecar (default: this interpreter)."""
         if not os.path.exists(self.config_path):
             self.write_config()
+        args = ["start", "--procs", str(procs), "--config", self.config_path]
         self.sidecar = Proc(
-            "sidecar",
-            cli("start", "--procs", str(procs), "--config", self.config_path),
-            env=self._env(env), log_path=self.log_path,
+            "sidecar", [*argv0, *args] if argv0 else cli(*args),
+            env=self._env(env), log_path=self.log_path, cwd=cwd,
         )
         if wait:
             self.sidecar.wait_for(r"sidecar ready", timeout)

@@ -28,11 +28,26 @@ TOKENS_BY_STATUS = Counter(
     "Delivered tokens of closed usage records, by model and record status",
     ["model", "status"],
 )
-WORKER_CONNECTION_STATUS = Gauge(
-    "sidecar_worker_connection_status",
-    "1 when every live proxy process has a ready inference worker connection, else 0",
-    multiprocess_mode="livemin",
-)
+_worker_connection_status: Gauge | None = None
+
+
+def worker_connection_status() -> Gauge:
+    """sidecar_worker_connection_status, created by the first proxy process that sets it.
+
+    An unlabelled gauge writes a value file for every process that creates it, and the
+    supervisor's and the meter's would hold 0 for ever, pinning the minimum at 0. Created
+    only where it is set, it is the minimum over the live proxies alone.
+    """
+    global _worker_connection_status
+    if _worker_connection_status is None:
+        _worker_connection_status = Gauge(
+            "sidecar_worker_connection_status",
+            "1 when every live proxy process has a ready inference worker connection, else 0",
+            multiprocess_mode="livemin",
+        )
+    return _worker_connection_status
+
+
 WORKER_STATE = Gauge(
     "sidecar_worker_state",
     "Proxy processes per inference worker state",

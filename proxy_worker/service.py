@@ -206,7 +206,7 @@ class ProxyService(pb_grpc.AiInferenceServicer):
         )
         for s in (wl.CONNECTING, wl.READY, wl.LOADING, wl.DEAD, wl.DRAINING):
             m.WORKER_STATE.labels(s).set(1 if s == state else 0)
-        m.WORKER_CONNECTION_STATUS.set(1 if state == wl.READY else 0)
+        m.worker_connection_status().set(1 if state == wl.READY else 0)
         asyncio.ensure_future(self._set_health(state == wl.READY and not self.draining))
 
     async def _set_health(self, serving: bool) -> None:

@@ -40,8 +40,10 @@ def exec_supervisor(cfg, early_signals: list[int]) -> None:
     os.environ[HANDOVER_ENV] = orjson.dumps(payload).decode()
     sys.stdout.flush()
     sys.stderr.flush()
+    # -P: the current directory is not put first on the import path, so a checkout's
+    # cy_sidecar/ folder cannot shadow the installed package (which maps supervisor/ into it).
     try:
-        os.execv(sys.executable, [sys.executable, "-m", "cy_sidecar.supervisor.main"])
+        os.execv(sys.executable, [sys.executable, "-P", "-m", "cy_sidecar.supervisor.main"])
     except OSError:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDED_OVER_SIGNALS)
         raise

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import signal
 import subprocess
+import sys
 
 import grpc
 import pytest
@@ -185,3 +187,20 @@ def test_worker_errors_become_grpc_statuses_a_human_can_act_on(running):
         trailers = dict(err.value.trailing_metadata())
         assert trailers["cy-usage-status"] == "worker_oom"
         assert trailers["cy-usage-delivered-tokens"] == "4"
+
+
+def test_start_from_a_checkout_runs_the_installed_package_not_the_folder(stack, tmp_path):
+    # Users run the commands from the checkout, whose cy_sidecar/ folder lacks the process
+    # folders that installing maps into the package: it must not shadow the installed one.
+    # (An editable install would hide the problem, so this folder refuses to be imported.)
+    checkout = tmp_path / "checkout"
+    (checkout / "cy_sidecar").mkdir(parents=True)
+    (checkout / "cy_sidecar" / "__init__.py").write_text(
+        "raise ImportError('the folder in the current directory was imported')\n")
+    script = os.path.join(os.path.dirname(sys.executable), "cy-sidecar")
+    stack.start_sidecar(procs=1, argv0=[script], cwd=str(checkout))
+    with new_channel(stack.target) as channel:
+        out = collect(pb_grpc.AiInferenceStub(channel).StreamPredict(
+            iter([request(tokens=6)]), timeout=10))
+    assert out["tokens"] == 6
+    assert stack.sidecar.stop() == 0

@@ -32,6 +32,8 @@ def fails_fast(stub, trace_id: str) -> grpc.RpcError:
 
 def test_worker_killed_mid_stream_then_missing_then_stale_then_back(running):
     before = proxy_pids(running)
+    wait_until(lambda: scrape(running).get("sidecar_worker_connection_status") == 1,
+               what="the connection status metric at 1 while the worker is up")
     channel = new_channel(running.target)
     stub = pb_grpc.AiInferenceStub(channel)
     call = stub.StreamPredict(iter([request(
@@ -53,6 +55,8 @@ def test_worker_killed_mid_stream_then_missing_then_stale_then_back(running):
         os.unlink(running.worker_path)
     wait_until(lambda: health_status(running.target) == "NOT_SERVING", what="NOT_SERVING")
     assert health_status(running.target, "liveness") == "SERVING"
+    wait_until(lambda: scrape(running).get("sidecar_worker_connection_status") == 0,
+               what="the connection status metric at 0")
     e = fails_fast(stub, "while-missing")
     assert e.code() == grpc.StatusCode.UNAVAILABLE
     assert "grpc-retry-pushback-ms" in dict(e.trailing_metadata())
@@ -67,6 +71,8 @@ def test_worker_killed_mid_stream_then_missing_then_stale_then_back(running):
     running.start_worker("--tokens-per-sec", "400", "--ttft-ms", "5")
     wait_until(lambda: health_status(running.target) == "SERVING", timeout=10,
                what="SERVING after the worker returned")
+    wait_until(lambda: scrape(running).get("sidecar_worker_connection_status") == 1,
+               timeout=10, what="the connection status metric back at 1")
     # Each proxy reconnects on its own when it sees the new socket: within the backoff.
     wait_until(lambda: _try_stream(stub), timeout=3, what="a stream on the old connection")
     for i in range(4):
