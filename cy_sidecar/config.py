@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -23,7 +24,9 @@ from typing import Any, Callable
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
-_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+# What an environment variable may say for a boolean; a file says true or false.
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True,
+               "false": False, "0": False, "no": False, "off": False}
 
 
 class ConfigError(ValueError):
@@ -103,10 +106,18 @@ def _control_socket(value: str) -> str | None:
     return f"empty (<state_dir>/control.sock) or {problem}" if problem else None
 
 
-def _between(lo: float, hi: float) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        return None if lo <= value <= hi else f"a number from {lo:g} to {hi:g}"
+def _number(value: float) -> str:
+    """A limit as an operator writes it: 16777216, 0.05 (never 1.67772e+07)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
+
+def _between(lo: float, hi: float) -> Callable[[Any], str | None]:
+    limits = f"from {_number(lo)} to {_number(hi)}"
+
+    def check(value: Any) -> str | None:
+        return None if lo <= value <= hi else f"a number {limits}"
+
+    check.limits = limits  # type: ignore[attr-defined]  # named when the type is wrong too
     return check
 
 
@@ -123,6 +134,12 @@ def _path(value: str) -> str | None:
 
 def _any(value: Any) -> str | None:
     return None
+
+
+def _node_name(value: str) -> str | None:
+    if len(value) <= 128 and value.isprintable() and not any(c.isspace() for c in value):
+        return None
+    return "empty (the host name) or at most 128 printable characters without spaces"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +197,7 @@ SETTINGS: tuple[Setting, ...] = (
             "SIDECAR_UPLOAD_BATCH_SIZE", "records per upload call"),
     Setting("metering", "state_dir", str, "/var/lib/cy-sidecar", _path, "SIDECAR_STATE_DIR",
             "ledger, shared-memory meter file and control socket"),
-    Setting("metering", "sidecar_id", str, "", _any, "SIDECAR_ID",
+    Setting("metering", "sidecar_id", str, "", _node_name, "SIDECAR_ID",
             "node name sent with uploads; empty: the host name"),
     Setting("health", "check_interval_secs", float, 5.0, _between(0.05, 3600),
             "SIDECAR_CHECK_INTERVAL_SECS", "ping interval on the worker connection"),
@@ -260,24 +277,28 @@ def _find(key: str) -> Setting:
     raise KeyError(key)
 
 
-def _coerce(setting: Setting, value: Any, where: str) -> Any:
+def _coerce(setting: Setting, value: Any, where: str, text: bool) -> Any:
+    """The value as the setting's type. `text`: it comes from an environment variable, so a
+    number or a boolean is spelled as a string; in a file it must be a TOML number or
+    boolean."""
     name = f"{setting.section}.{setting.key}"
     if setting.type is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+        if text and isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
             return _BOOL_WORDS[value.strip().lower()]
     elif setting.type is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         # ASCII digits with at most one sign, and short: int() would also take "²" or
         # "1_000", and refuses (with a ValueError) more than 4300 digits.
-        if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,18}", value.strip()):
+        if (text and isinstance(value, str)
+                and re.fullmatch(r"[+-]?[0-9]{1,18}", value.strip())):
             return int(value.strip())
     elif setting.type is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):
+        if text and isinstance(value, str):
             try:
                 return float(value)
             except ValueError:
@@ -288,12 +309,27 @@ def _coerce(setting: Setting, value: Any, where: str) -> Any:
     if len(shown) > 80:
         shown = f"{shown[:60]}... ({len(shown)} characters)"
     raise ConfigError(
-        f"{name} = {shown} ({where}) is not allowed: expected {setting.type.__name__}"
+        f"{name} = {shown} ({where}) is not allowed: expected {_expected(setting, value, text)}"
     )
 
 
-def _validate(setting: Setting, value: Any, where: str) -> Any:
-    value = _coerce(setting, value, where)
+def _expected(setting: Setting, value: Any, text: bool) -> str:
+    """What a value of the wrong type should have been, with the limits where there are."""
+    if setting.type is bool:
+        if text:
+            return "one of " + ", ".join(_BOOL_WORDS)
+        wanted = "true or false"
+    else:
+        wanted = {int: "an integer", float: "a number", str: "a string"}[setting.type]
+        limits = getattr(setting.check, "limits", "")
+        wanted = f"{wanted} {limits}" if limits else wanted
+    if not text and isinstance(value, str):
+        wanted += " (written without quotes)"
+    return wanted
+
+
+def _validate(setting: Setting, value: Any, where: str, text: bool = False) -> Any:
+    value = _coerce(setting, value, where, text)
     problem = setting.check(value)
     if problem:
         raise ConfigError(
@@ -360,7 +396,7 @@ def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
 
     for s in SETTINGS:
         if s.env and s.env in env:
-            values[s.section][s.key] = _validate(s, env[s.env], f"env {s.env}")
+            values[s.section][s.key] = _validate(s, env[s.env], f"env {s.env}", text=True)
             sources[f"{s.section}.{s.key}"] = f"env {s.env}"
     _check_together(values, sources)
     return Config(values, sources, path)
@@ -418,5 +454,6 @@ def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # JSON's escapes are all TOML escapes too; TOML also wants DEL escaped.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     return repr(value)

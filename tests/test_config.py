@@ -71,6 +71,47 @@ def test_an_integer_from_the_environment_is_plain_digits_or_a_config_error(value
     assert "env SIDECAR_PROCS" in str(err.value) and len(str(err.value)) < 300
 
 
+@pytest.mark.parametrize("text", ['"yes"', '"false"', '"off"', "0", "1"])
+def test_a_boolean_in_the_file_is_true_or_false_and_nothing_else(tmp_path, text):
+    path = tmp_path / "b.toml"
+    path.write_text(f"[metering]\nenabled = {text}\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(str(path), env={})
+    assert "expected true or false" in str(err.value)
+
+
+@pytest.mark.parametrize("word, value", [("yes", True), ("on", True), ("1", True),
+                                         ("TRUE", True), ("no", False), ("off", False),
+                                         ("0", False), ("false", False)])
+def test_a_boolean_from_the_environment_takes_the_usual_words(word, value):
+    assert config.load(None, env={"SIDECAR_METERING": word}).get("metering", "enabled") is value
+
+
+def test_a_wrong_type_names_the_limits_as_an_operator_writes_them(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text('[server]\nmax_frame_bytes = "big"\n')
+    with pytest.raises(config.ConfigError) as err:
+        config.load(str(path), env={})
+    assert "expected an integer from 4096 to 16777216 (written without quotes)" in str(
+        err.value)
+
+
+@pytest.mark.parametrize("value", ["a\nb", "a b", "x" * 129, "tab\there"])
+def test_a_sidecar_id_is_one_printable_word(value):
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, env={"SIDECAR_ID": value})
+    assert "metering.sidecar_id" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_config_show_output_is_toml_that_loads_back_to_the_same_values(tmp_path):
+    odd = tmp_path / 'st"ate\\dir\x7f\u00e9'
+    cfg = config.load(None, env={"SIDECAR_STATE_DIR": str(odd), "SIDECAR_ID": "node-\u00e9"})
+    path = tmp_path / "shown.toml"
+    path.write_text(config.render_toml(cfg), encoding="utf-8")
+    again = config.load(str(path), env={})
+    assert again.as_dict() == cfg.as_dict()
+
+
 def test_a_bad_environment_value_names_the_variable():
     with pytest.raises(config.ConfigError) as err:
         config.load(None, env={"SIDECAR_BIND_ADDR": "localhost"})
