@@ -46,6 +46,8 @@ STABLE_AFTER_SECS = 30.0
 HEARTBEAT_STALE_SECS = 5.0
 TICK_SECS = 0.1
 SHUTDOWN_EXTRA_SECS = 10.0
+# A proxy restart that finds both of its meter regions held retries this often.
+REGION_WAIT_SECS = 0.5
 
 
 class StartupError(RuntimeError):
@@ -166,6 +168,8 @@ class Supervisor:
         self.reload_queue: list[int] = []
         self.reload_active = False  # a reload runs until "reload finished" is logged
         self.reload_current: tuple[int, int] | None = None  # (index, old pid)
+        self.reload_pending: str | None = None  # asked for while a reload ran: runs next
+        self.reload_waiting: int | None = None  # index whose regions are both still held
         self.events: list[tuple[float, str, str]] = []  # recent warnings for status
         self.started = time.time()
         self.notifier = Notifier()
@@ -378,15 +382,21 @@ class Supervisor:
 
     # -- children ----------------------------------------------------------------------
 
-    def _free_region(self, index: int) -> int:
+    def _free_region(self, index: int) -> int | None:
+        """A meter region for a new proxy of `index`: each index has two, so a replacement
+        can start while its predecessor drains. None while both are held (a proxy of an
+        earlier reload still draining); the caller then waits for one to be reaped."""
         used = {c.region for c in self.children.values() if c.role == "proxy"}
         for region in (index, index + self.procs):
             if region not in used:
                 return region
-        raise RuntimeError(f"no free meter region for proxy index {index}")
+        return None
 
-    def spawn(self, role: str, index: int) -> Child:
+    def spawn(self, role: str, index: int) -> Child | None:
+        """Fork a child; None when a proxy of `index` has no free meter region yet."""
         region = self._free_region(index) if role == "proxy" else -1
+        if region is None:
+            return None
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
@@ -603,6 +613,7 @@ class Supervisor:
         self.restart_at.clear()
         self.reload_queue.clear()
         self.reload_active = False
+        self.reload_pending = None
         self.notifier.stopping()
         self.stop_deadline = time.monotonic() + self.cfg.drain_grace_secs + SHUTDOWN_EXTRA_SECS
         # Proxies first; the meter stops once they are gone, so it commits their last
@@ -618,6 +629,14 @@ class Supervisor:
     def reload(self, why: str) -> dict:
         if self.stopping:
             return {"ok": False, "error": "the sidecar is stopping"}
+        if self.reload_active:
+            # One reload at a time: replacing the proxies a reload has just started (and
+            # the meter it has just replaced) would only cut them short. The file is read
+            # when the next one starts, so it sees the latest edit.
+            self.reload_pending = why
+            log.info("reload queued reason=%s next=start when the running reload finishes",
+                     why)
+            return {"ok": True, "queued": True}
         try:
             cfg = config_mod.load(self.config_path).with_overrides(procs=self.procs)
         except Exception as exc:  # noqa: BLE001 - whatever the file holds, a reload must
@@ -665,6 +684,9 @@ class Supervisor:
 
         for key, when in list(self.restart_at.items()):
             if now >= when:
+                if self.spawn(*key) is None:
+                    self.restart_at[key] = now + REGION_WAIT_SECS
+                    continue
                 del self.restart_at[key]
                 self.restarts[key[0]] += 1
                 try:
@@ -673,7 +695,6 @@ class Supervisor:
                     m.RESTARTS.labels(key[0]).inc()
                 except Exception:  # noqa: BLE001
                     pass
-                self.spawn(*key)
 
         has_meter = any(c.role == "meter" and not c.retiring for c in self.children.values())
         if not has_meter and ("meter", 0) not in self.restart_at:
@@ -681,16 +702,26 @@ class Supervisor:
                 self.spawn("meter", 0)
 
         if self.reload_queue and self.reload_current is None and has_meter:
-            index = self.reload_queue.pop(0)
+            index = self.reload_queue[0]
             olds = [c for c in self.children.values()
                     if c.role == "proxy" and c.index == index and not c.retiring]
-            if olds:
+            if not olds:
+                self.reload_queue.pop(0)
+            elif self.spawn("proxy", index) is not None:
+                self.reload_queue.pop(0)
                 self.reload_current = (index, olds[0].pid)
-                self.spawn("proxy", index)
+                self.reload_waiting = None
+            elif self.reload_waiting != index:
+                self.reload_waiting = index
+                log.info("reload waiting index=%s reason=a proxy of an earlier reload is "
+                         "still draining next=replace it once that one exits", index)
         if self.reload_active and not self.reload_queue and self.reload_current is None:
             # Every replacement listens and every old proxy was told to retire.
             self.reload_active = False
             log.info("reload finished procs=%s", self.procs)
+            if self.reload_pending:
+                why, self.reload_pending = self.reload_pending, None
+                self.reload(why)
         self._watch_heartbeats(now)
         self._notify(now)
 

@@ -19,8 +19,8 @@ import pytest
 
 from cy_sidecar.protos import cy_llm_pb2_grpc as pb_grpc
 
-from helpers import (collect, new_channel, record_for, request, sink_records, wait_until,
-                     worker_state)
+from helpers import (channel_per_proxy, collect, new_channel, record_for, request,
+                     sink_records, wait_until, worker_state)
 
 
 def _migrate_req() -> bool:
@@ -127,6 +127,42 @@ def test_sighup_in_a_namespace_where_the_kernel_migrates_queued_connections():
                           text=True, timeout=300, cwd=os.path.dirname(__file__))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "1 passed" in done.stdout
+
+
+def test_reloads_asked_for_in_quick_succession_run_one_after_another(running):
+    """Three SIGHUPs 0.3 s apart while streams keep the old proxies draining: the later
+    reloads wait their turn (and for a free meter region) instead of ending the sidecar."""
+    channels = channel_per_proxy(running.target, 2)
+    long_calls = [pb_grpc.AiInferenceStub(ch).StreamPredict(iter([request(
+        tokens=0, demo_tokens=120, demo_tps=30, trace_id=f"busy-{i}")]), timeout=30)
+        for i, ch in enumerate(channels)]
+    for call in long_calls:
+        next(call)
+    mark = len(running.sidecar.lines)
+    for _ in range(3):
+        running.sidecar.signal(signal.SIGHUP)
+        time.sleep(0.3)
+    first = running.sidecar.wait_for(r"reload finished", timeout=20, start=mark)
+    running.sidecar.wait_for(r"reload queued reason=SIGHUP", timeout=5, start=mark)
+    after_first = running.sidecar.lines.index(("err", first.string)) + 1
+    running.sidecar.wait_for(r"reload finished", timeout=30, start=after_first)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(collect, long_calls))
+    for out in outs:
+        assert out["usage"].status == "finished" and out["tokens"] + 1 == 120
+    for ch in channels:
+        ch.close()
+    assert running.sidecar.popen.poll() is None
+    wait_until(lambda: len(psutil.Process(running.sidecar.pid).children()) == 3,
+               timeout=20, what="two proxies and a meter once the old ones drained")
+    with new_channel(running.target) as ch:
+        assert collect(pb_grpc.AiInferenceStub(ch).StreamPredict(
+            iter([request(tokens=5)]), timeout=10))["tokens"] == 5
+    text = running.sidecar.text()
+    assert "Traceback" not in text and "crashed" not in text
+    # The second SIGHUP waits for the first reload; the third joins it or waits too.
+    assert text.count("reload starting") in (2, 3)
 
 
 def test_sigterm_cuts_streams_at_the_grace_deadline_and_records_their_partial_usage(stack):

@@ -408,7 +408,7 @@ def test_config_check_and_show_say_where_each_value_came_from(tmp_path):
     proc = run_cli("config", "check", str(path), env=_clean_env(SIDECAR_PROCS="lots"))
     assert proc.returncode == 78
     assert proc.stderr.strip() == ("Error: server.procs = 'lots' (env SIDECAR_PROCS) is not "
-                                   "allowed: expected int")
+                                   "allowed: expected an integer from 1 to 64")
     proc = run_cli("config", "check", str(tmp_path / "missing.toml"), env=env)
     assert proc.returncode == 78 and "does not exist" in proc.stderr
 
