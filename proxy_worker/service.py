@@ -51,6 +51,9 @@ FIRST_MESSAGE_TIMEOUT_SECS = 10.0
 DEADLINE_MARGIN_SECS = 0.05
 FRAME_MARGIN_BYTES = 64  # the stream id and credit fields added by the link
 RETRY_PUSHBACK_MS = 1000
+# Merged chunks stop growing at this many characters (at most 1 MiB of UTF-8), far below
+# the 4 MiB a gRPC client accepts by default: a Gateway must never get a message it refuses.
+MERGE_MAX_CHARS = 256 * 1024
 FIELD_MAX_BYTES = 126
 SERVICE_NAME = "cy.llm.AiInference"
 
@@ -425,10 +428,13 @@ class ProxyService(pb_grpc.AiInferenceServicer):
                                 # The Gateway reads slower than the worker writes: send the
                                 # chunks already waiting as one message (exact token_count).
                                 parts = [text]
+                                size = len(text)
                                 while (queue and frames < merge and type(queue[0]) is dict
-                                       and queue[0]["t"] == "chunk"):
+                                       and queue[0]["t"] == "chunk"
+                                       and size + len(queue[0]["text"]) <= MERGE_MAX_CHARS):
                                     more = queue.popleft()
                                     parts.append(more["text"])
+                                    size += len(more["text"])
                                     n += more["n"]
                                     frames += 1
                                 text = "".join(parts)
@@ -527,7 +533,8 @@ class ProxyService(pb_grpc.AiInferenceServicer):
                 raise
             # A failed write: the Gateway stream is gone.
             m.GATEWAY_SEND_ERRORS.inc()
-            log.info("gateway write failed trace_id=%s error=%r", trace_id or "-", exc)
+            log.info("gateway write failed trace_id=%s reason=the Gateway stream is gone "
+                     "error=%r next=cancel upstream", trace_id or "-", exc)
             if stream is not None:
                 self.link.cancel_stream(stream)
                 self._settle(stream, rec, "gateway_disconnected", done)

@@ -27,7 +27,9 @@ class ScriptedWorker:
     def __init__(self, path: str, hello: dict | None = None):
         self.path = path
         self.hello = hello or {}
+        self.big_sent = False
         self.stuck = False  # "trickle": no more pongs, a frame that never completes
+        self.sent_all = threading.Event()  # "big_chunks": every frame is in the proxy's hands
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -56,6 +58,8 @@ class ScriptedWorker:
                     elif frame["t"] == "req":
                         self._reply(frame, writer)
                 await writer.drain()
+                if self.big_sent:
+                    self.sent_all.set()
         except (ConnectionError, wire.FrameError):
             pass
         finally:
@@ -67,6 +71,13 @@ class ScriptedWorker:
         if case == "trickle":
             self.stuck = True
             asyncio.ensure_future(self._trickle(writer))
+            return
+        if case == "big_chunks":  # 30 chunks of 200,000 characters, one token each
+            for _ in range(30):
+                writer.write(wire.encode({"t": "chunk", "s": sid, "text": "C" * 200_000,
+                                          "n": 1}))
+            writer.write(wire.encode({"t": "end", "s": sid, "reason": "stop"}))
+            self.big_sent = True
             return
         chunk = {"t": "chunk", "s": sid, "text": "word ", "n": 1}
         frames = [dict(chunk), dict(chunk)]
@@ -123,6 +134,7 @@ def scripted(stack):
         os.unlink(stack.worker_path)
     worker = ScriptedWorker(stack.worker_path)
     stack.start_sidecar(procs=1)
+    stack.scripted_worker = worker
     yield stack
     worker.close()
 
@@ -160,6 +172,25 @@ def test_a_usage_report_cannot_add_tokens_the_chunks_did_not_carry(scripted):
     assert rec["status"] == "finished"
     assert rec["generated_tokens"] == 2 and rec["delivered_tokens"] == 2
     assert "worker usage disagrees" in scripted.sidecar.text()
+
+
+def test_chunks_merged_for_a_slow_reader_stay_within_a_gateways_message_limit(scripted):
+    # The caller reads nothing until the worker has handed over every 200,000-character
+    # chunk, so they all wait in the proxy; merged, they must still fit the 4 MiB that a
+    # gRPC client accepts by default.
+    with new_channel(scripted.target) as channel:
+        call = pb_grpc.AiInferenceStub(channel).StreamPredict(
+            iter([request(case="big_chunks", trace_id="big")]), timeout=30)
+        assert scripted.scripted_worker.sent_all.wait(20)
+        sizes = []
+        tokens = 0
+        for msg in call:
+            sizes.append(len(msg.chunk))
+            tokens += msg.token_count
+    assert tokens == 30
+    assert max(sizes) <= 1 << 20 and len(sizes) > 1 + 30 * 200_000 // (4 << 20)
+    rec = record_for(scripted, "big")
+    assert rec["status"] == "finished" and rec["delivered_tokens"] == 30
 
 
 def test_a_worker_stuck_in_the_middle_of_a_frame_is_reset_like_a_silent_one(scripted):
