@@ -149,18 +149,22 @@ def validate(req: pb.StreamPredictRequest, max_prompt_bytes: int) -> str | None:
 
 def _request_frame(req: pb.StreamPredictRequest) -> dict:
     g, md = req.generation, req.metadata
+    # proto3 cannot tell a field left unset from 0. top_p and repetition_penalty of 0 mean
+    # nothing to an engine, so 0 is "unset" and the key is left out (the engine's default,
+    # 1.0); max_new_tokens 0 already means the engine's default, and temperature 0 is
+    # greedy decoding, so both are passed as they are.
+    params: dict = {"max_new_tokens": g.max_new_tokens, "temperature": g.temperature}
+    if g.top_p:
+        params["top_p"] = g.top_p
+    if g.repetition_penalty:
+        params["repetition_penalty"] = g.repetition_penalty
     return {
         "t": "req",
         "model": req.model_id,
         "prompt": req.prompt,
         "adapter": req.adapter,
         "priority": req.priority,
-        "params": {
-            "max_new_tokens": g.max_new_tokens,
-            "temperature": g.temperature,
-            "top_p": g.top_p,
-            "repetition_penalty": g.repetition_penalty,
-        },
+        "params": params,
         "meta": {
             "trace_id": md.trace_id,
             "tenant": md.tenant,

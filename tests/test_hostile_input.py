@@ -28,6 +28,7 @@ class ScriptedWorker:
         self.path = path
         self.hello = hello or {}
         self.big_sent = False
+        self.requests: list[dict] = []
         self.stuck = False  # "trickle": no more pongs, a frame that never completes
         self.sent_all = threading.Event()  # "big_chunks": every frame is in the proxy's hands
         self.loop = asyncio.new_event_loop()
@@ -66,6 +67,7 @@ class ScriptedWorker:
             writer.close()
 
     def _reply(self, req: dict, writer) -> None:
+        self.requests.append(req)
         sid = req["s"]
         case = req["meta"]["extra"].get("case", "ok")
         if case == "trickle":
@@ -191,6 +193,24 @@ def test_chunks_merged_for_a_slow_reader_stay_within_a_gateways_message_limit(sc
     assert max(sizes) <= 1 << 20 and len(sizes) > 1 + 30 * 200_000 // (4 << 20)
     rec = record_for(scripted, "big")
     assert rec["status"] == "finished" and rec["delivered_tokens"] == 30
+
+
+def test_generation_parameters_left_unset_reach_the_worker_as_unset(scripted):
+    unset = request(trace_id="unset")
+    chosen = request(trace_id="chosen")
+    chosen.generation.temperature = 0.7
+    chosen.generation.top_p = 0.9
+    chosen.generation.repetition_penalty = 1.1
+    with new_channel(scripted.target) as channel:
+        stub = pb_grpc.AiInferenceStub(channel)
+        for req in (unset, chosen):
+            assert collect(stub.StreamPredict(iter([req]), timeout=10))["tokens"] == 2
+    seen = {r["meta"]["trace_id"]: r["params"] for r in scripted.scripted_worker.requests}
+    # top_p and repetition_penalty of 0 mean nothing, so they are left to the engine's
+    # defaults; temperature 0 is greedy decoding and max_new_tokens 0 the engine's default.
+    assert seen["unset"] == {"max_new_tokens": 10, "temperature": 0.0}
+    assert seen["chosen"] == {"max_new_tokens": 10, "temperature": 0.7, "top_p": 0.9,
+                              "repetition_penalty": 1.1}
 
 
 def test_a_worker_stuck_in_the_middle_of_a_frame_is_reset_like_a_silent_one(scripted):
