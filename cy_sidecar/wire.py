@@ -35,6 +35,7 @@ MAX_ETA_MS = 86_400_000  # a day
 
 ERROR_CODES = ("oom", "not_found", "invalid", "overloaded", "internal", "cancelled")
 WORKER_STATES = ("loading", "ready", "draining")
+END_REASONS = ("stop", "length", "cancelled")
 
 # Field checks per frame kind: name -> (type or tuple of types, required).
 _INT = int
@@ -214,6 +215,9 @@ def check(frame: Any, allowed: frozenset[str]) -> dict:
         raise FrameError(f"err frame has unknown code {frame['code']!r}")
     if kind == "state" and frame["state"] not in WORKER_STATES:
         raise FrameError(f"state frame has unknown state {frame['state']!r}")
+    if kind == "end" and frame["reason"] not in END_REASONS:
+        raise FrameError(f"end frame has unknown reason {frame['reason']!r:.60}: expected "
+                         + ", ".join(END_REASONS))
     return frame
 
 

@@ -170,6 +170,8 @@ def test_unknown_error_code_and_state():
     assert "unknown code 'boom'" in reject(
         wire.encode({"t": "err", "code": "boom", "msg": "x"}))
     assert "unknown state 'asleep'" in reject(wire.encode({"t": "state", "state": "asleep"}))
+    message = reject(wire.encode({"t": "end", "s": 1, "reason": "R" * 500_000}))
+    assert "unknown reason 'RRR" in message and len(message) < 200
 
 
 def test_extra_fields_are_ignored_even_named_s_or_n():
