@@ -494,13 +494,23 @@ class WorkerLink:
         if kind in ("end", "err"):
             sid = frame.get("s")
             if sid is None:
-                if frame.get("code") == "oom":
+                # The worker is done with this connection: the SDK says why just before
+                # its process exits. Closing it here keeps a worker that lives on from
+                # naming a later loss of a fresh connection after this error.
+                code, msg = frame.get("code"), str(frame.get("msg", ""))[:200]
+                if code == "oom":
                     self._oom_seen = True
-                log.error(
-                    "worker error code=%s msg=%r worker_pid=%s",
-                    frame.get("code"), frame.get("msg"), self.worker_pid,
-                )
-                return True
+                    self._reset_reason = (f"inference worker pid={self.worker_pid} ran out "
+                                          f"of memory: {msg}")
+                else:
+                    self._reset_reason = (f"inference worker pid={self.worker_pid} gave up "
+                                          f"its connection ({code}): {msg}")
+                log.error("worker error code=%s msg=%r worker_pid=%s next=reset connection",
+                          code, msg, self.worker_pid)
+                proto = self._proto
+                if proto and proto.transport:
+                    proto.transport.abort()
+                return False
             stream = self.streams.pop(sid, None)
             if stream is None:
                 # An end racing our cancel is normal; anything else is a protocol error.

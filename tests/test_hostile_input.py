@@ -98,6 +98,12 @@ class ScriptedWorker:
         elif case == "usage_bool":
             frames.append({"t": "end", "s": sid, "reason": "stop",
                            "usage": {"prompt_tokens": True, "completion_tokens": 2}})
+        elif case == "conn_oom":  # says it is dying of OOM, then lives on
+            frames.append({"t": "err", "code": "oom", "msg": "CUDA out of memory"})
+        elif case == "close":
+            writer.write(wire.encode(chunk))
+            writer.close()
+            return
         elif case == "after_end":
             frames.append({"t": "end", "s": sid, "reason": "stop", "usage": {}})
             frames.append(dict(chunk))
@@ -211,6 +217,26 @@ def test_generation_parameters_left_unset_reach_the_worker_as_unset(scripted):
     assert seen["unset"] == {"max_new_tokens": 10, "temperature": 0.0}
     assert seen["chosen"] == {"max_new_tokens": 10, "temperature": 0.7, "top_p": 0.9,
                               "repetition_penalty": 1.1}
+
+
+def test_a_connection_level_oom_ends_that_connection_and_names_nothing_later(scripted):
+    with new_channel(scripted.target) as channel:
+        stub = pb_grpc.AiInferenceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub.StreamPredict(iter([request(case="conn_oom", trace_id="oom")]),
+                                       timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "ran out of memory: CUDA out of memory" in err.value.details()
+        # The proxy closed that connection itself; the worker lived on, so a fresh
+        # connection serves, and a later loss of it is a crash, not the old OOM.
+        wait_until(lambda: _try(stub, "after-oom"), timeout=10, what="service again")
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub.StreamPredict(iter([request(case="close", trace_id="closed")]),
+                                       timeout=10))
+        assert "closed the connection" in err.value.details()
+    assert record_for(scripted, "oom")["status"] == "worker_oom"
+    assert record_for(scripted, "closed")["status"] == "worker_crash"
+    assert "worker error code=oom" in scripted.sidecar.text()
 
 
 def test_a_worker_stuck_in_the_middle_of_a_frame_is_reset_like_a_silent_one(scripted):
