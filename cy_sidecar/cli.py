@@ -348,6 +348,10 @@ def _why_not_writable(path: str, exc: OSError) -> str:
 def usage_flush(config: Optional[str] = ConfigOpt) -> None:
     """Upload pending records now instead of at the next batch interval."""
     cfg = load_config(config)
+    if not cfg.upload_target:
+        fail(f"metering.upload_target is empty ({cfg.sources['metering.upload_target']}): "
+             "there is no usage service to upload to; set it in the config file or with "
+             "SIDECAR_UPLOAD_TARGET")
     from cy_sidecar.meter_store.process import force_flush
 
     result = _ledger_call(force_flush, cfg)
@@ -355,7 +359,9 @@ def usage_flush(config: Optional[str] = ConfigOpt) -> None:
 
     typer.echo(json.dumps(result, indent=2, sort_keys=True))
     if not result.get("ok"):
-        raise typer.Exit(exitcodes.FAILURE)
+        fail(f"upload to {cfg.upload_target} failed: {result.get('error')}; "
+             f"{result.get('pending_after')} records are still pending and will be sent "
+             "again", exitcodes.UNAVAILABLE)
 
 
 def main() -> None:

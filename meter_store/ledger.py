@@ -454,31 +454,32 @@ class Ledger:
         return rows
 
     def release_claim(self, rows: Iterable[dict[str, Any]]) -> int:
-        """Undo the ambiguity of a claim whose call never reached the Gateway.
+        """Undo a claim whose call never reached the Gateway (it could not connect).
 
-        Only rows that were not ambiguous before, and that no other upload claimed since
-        (their attempts are still ours), go back to unambiguous. Returns how many did.
+        Each row that no other upload claimed since (its attempts are still ours) gets its
+        attempts and its ambiguity back as they were before the claim. Returns how many.
         """
-        params = [(r["record_id"], r["attempts"]) for r in rows if not r["prior_ambiguous"]]
+        params = [(r["prior_ambiguous"], r["record_id"], r["attempts"]) for r in rows]
         if not params:
             return 0
         with self._write("release an upload claim") as conn:
             cur = conn.executemany(
-                "UPDATE records SET ambiguous = 0 WHERE record_id = ? AND attempts = ? "
-                "AND acked_unix_ms IS NULL",
+                "UPDATE records SET attempts = attempts - 1, ambiguous = ? "
+                "WHERE record_id = ? AND attempts = ? AND acked_unix_ms IS NULL",
                 params,
             )
             return cur.rowcount
 
     def mark_acked(self, ids: Iterable[str], now_ms: int | None = None) -> int:
-        """Mark rows acknowledged by the Gateway; they leave the queue. Returns how many."""
+        """Mark rows acknowledged by the Gateway; they leave the queue, and nothing about
+        them is ambiguous any more. Returns how many."""
         now_ms = _now_ms() if now_ms is None else now_ms
         params = [(now_ms, i) for i in dict.fromkeys(ids)]
         if not params:
             return 0
         with self._write(f"mark {len(params)} records acknowledged") as conn:
             cur = conn.executemany(
-                "UPDATE records SET acked_unix_ms = ? "
+                "UPDATE records SET acked_unix_ms = ?, ambiguous = 0 "
                 "WHERE record_id = ? AND acked_unix_ms IS NULL",
                 params,
             )

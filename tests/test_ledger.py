@@ -118,12 +118,12 @@ def test_claim_ack_and_release_of_an_upload(ledger):
     claimed = rows(ledger, "record_id IN (?, ?, ?, ?)", tuple(b["record_id"] for b in batch))
     assert all(r["ambiguous"] == 1 and r["attempts"] == 1 for r in claimed)
 
-    # The call never connected: the claim is taken back, attempts stay counted.
+    # The call never connected: the claim is taken back as if never made.
     assert ledger.release_claim(batch) == 4
     assert ledger.stats().pending_ambiguous == 0
 
     batch = ledger.claim_batch(4)
-    assert all(b["attempts"] == 2 for b in batch)
+    assert all(b["attempts"] == 1 for b in batch)
     # The Gateway acknowledges three of them; the fourth stays pending and ambiguous.
     assert ledger.mark_acked([b["record_id"] for b in batch[:3]] + ["not-ours"]) == 3
     pending = ledger.pending_batch(10)
@@ -132,6 +132,8 @@ def test_claim_ack_and_release_of_an_upload(ledger):
     stats = ledger.stats()
     assert stats.pending == 3 and stats.pending_ambiguous == 1
     assert stats.last_ack_unix_ms is not None
+    acked = rows(ledger, "acked_unix_ms IS NOT NULL")
+    assert len(acked) == 3 and all(r["ambiguous"] == 0 and r["attempts"] == 1 for r in acked)
 
 
 def test_a_claim_taken_by_another_uploader_is_not_released(ledger):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 
 from cy_sidecar.localrun import cli
@@ -13,9 +14,10 @@ from cy_sidecar.protos import cy_llm_pb2_grpc as pb_grpc
 from helpers import collect, new_channel, request, wait_until
 
 
-def run(stack, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def run(stack, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(cli("usage", *args, "--config", stack.config_path),
-                          capture_output=True, text=True, timeout=60, check=check)
+                          capture_output=True, text=True, timeout=60, check=check,
+                          env={**os.environ, **env})
 
 
 def test_usage_commands_report_export_and_flush_the_ledger(stack):
@@ -57,6 +59,16 @@ def test_usage_pending_tells_a_past_upload_error_from_a_current_one(stack):
             iter([request(tokens=3, trace_id="while-down")]), timeout=10))
     wait_until(lambda: "last upload error: " in run(stack, "pending").stdout,
                what="the upload error while the receiver is down")
+    flush = run(stack, "flush", check=False)
+    assert flush.returncode == 69
+    assert flush.stderr.startswith(f"Error: upload to 127.0.0.1:{stack.sink_port} failed: "
+                                   "cannot connect")
+    assert "1 records are still pending" in flush.stderr
+    flush = run(stack, "flush", check=False, SIDECAR_UPLOAD_TARGET="")
+    assert flush.returncode == 78 and flush.stdout == ""
+    assert flush.stderr == ("Error: metering.upload_target is empty (env "
+                            "SIDECAR_UPLOAD_TARGET): there is no usage service to upload to; "
+                            "set it in the config file or with SIDECAR_UPLOAD_TARGET\n")
     stack.start_sink()
     wait_until(lambda: stack.sink.json_lines("accepted"), timeout=30,
                what="the upload once the receiver is back")
