@@ -544,7 +544,8 @@ class Supervisor:
         expected = (self.stopping or child.retiring) and code == exitcodes.OK
         what = exitcodes.describe(code)
         if expected:
-            log.info("%s exited index=%s pid=%s %s", child.role, child.index, child.pid, what)
+            log.info("%s exited index=%s pid=%s how=%s", child.role, child.index, child.pid,
+                     what)
         elif code == -signal.SIGKILL and child.unresponsive:
             log.error("%s killed index=%s pid=%s signal=SIGKILL (by the supervisor: no "
                       "heartbeat) interrupted_records=%s next=restart", child.role,
@@ -559,7 +560,7 @@ class Supervisor:
         else:
             self._event("error", f"{child.role} pid={child.pid} {what}")
             log.error(
-                "%s died index=%s pid=%s %s interrupted_records=%s next=%s",
+                "%s died index=%s pid=%s how=%s interrupted_records=%s next=%s",
                 child.role, child.index, child.pid, what, interrupted,
                 "stop" if code in exitcodes.FATAL else "restart",
             )

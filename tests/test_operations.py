@@ -352,6 +352,10 @@ def test_json_logs_are_one_object_a_line_and_a_request_logs_its_end(stack):
     killed = [o for o in objects if o["event"] == "proxy killed"]
     assert len(killed) == 1 and killed[0]["arg_pid"] == victim
     assert killed[0]["role"] == "supervisor" and killed[0]["pid"] == sidecar.pid
+    # The reload retired the meter: its exit is one event with its pid and how it ended.
+    exited = [o for o in objects if o["event"] == "meter exited"]
+    assert exited and all(type(o["arg_pid"]) is int and o["how"] == "exit 0 (ok)"
+                          for o in exited), exited
 
     def request_done(trace_id):
         return [o for o in objects if o["event"] == "request done"
