@@ -23,7 +23,10 @@ everything, so a resent record is accepted again.
 from __future__ import annotations
 
 import argparse
+import errno
+import ipaddress
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -138,6 +141,48 @@ class UsageSink(usage_pb2_grpc.UsageServiceServicer):
         )
 
 
+def _listen_problem(listen: str) -> str | None:
+    """What is wrong with a --listen address, or None. No name is looked up but localhost."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        return "host:port with a port from 0 (any free one) to 65535, e.g. 127.0.0.1:50052"
+    bracketed = host.startswith("[") and host.endswith("]")
+    bare = host[1:-1] if bracketed else host
+    if bare != "localhost":
+        try:
+            if (":" in bare) != bracketed:
+                raise ValueError(bare)
+            ipaddress.ip_address(bare)
+        except ValueError:
+            return ("host:port whose host is an IP address (IPv6 in brackets, e.g. [::1]) "
+                    "or localhost, e.g. 127.0.0.1:50052")
+    return None
+
+
+def _held(listen: str) -> str | None:
+    """Why `listen` cannot be bound right now, or None: a probe bound without SO_REUSEPORT
+    fails on any listener, so the error is ours, not a line of gRPC's core."""
+    host, _, port = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") else host
+    if int(port) == 0:
+        return None
+    try:
+        info = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        return f"cannot resolve {host}: {exc.strerror}"
+    probe = socket.socket(info[0], info[1], info[2])
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(info[4])
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return "the address is already in use (stop the other program or choose another port)"
+        return exc.strerror or str(exc)
+    finally:
+        probe.close()
+    return None
+
+
 def run_sink(
     listen: str,
     db_path: str | None = None,
@@ -146,10 +191,18 @@ def run_sink(
     delay_ms: int = 0,
 ) -> int:
     """Serve UsageService on `listen` (host:port, port may be 0) until SIGTERM or SIGINT."""
+    problem = _listen_problem(listen)
+    if problem:
+        print(f"Error: --listen {listen!r} is not allowed: expected {problem}", file=sys.stderr)
+        return exitcodes.CONFIG
+    why = _held(listen)
+    if why:
+        print(f"Error: usage-sink cannot listen on {listen}: {why}", file=sys.stderr)
+        return exitcodes.UNAVAILABLE
     try:
         store = _Store(db_path)
     except sqlite3.Error as exc:
-        print(f"usage-sink: cannot open {db_path}: {exc}", file=sys.stderr)
+        print(f"Error: usage-sink cannot open --db {db_path}: {exc}", file=sys.stderr)
         return exitcodes.CANT_CREATE
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8),
@@ -169,7 +222,7 @@ def run_sink(
     else:
         reason = "address in use or not valid"
     if not port:
-        print(f"usage-sink: cannot listen on {listen}: {reason}", file=sys.stderr)
+        print(f"Error: usage-sink cannot listen on {listen}: {reason}", file=sys.stderr)
         return exitcodes.UNAVAILABLE
     stop = threading.Event()
 

@@ -145,5 +145,16 @@ def test_a_port_held_by_another_sink_is_exit_code_unavailable(procs):
     other = Proc("sink2", [sys.executable, "-m", "cy_sidecar.usage_sink", "--listen", addr])
     assert other.popen.wait(20) == 69
     other.stop(5)
-    assert "cannot listen" in other.text()
+    assert other.text() == (f"Error: usage-sink cannot listen on {addr}: the address is "
+                            "already in use (stop the other program or choose another port)")
     assert json.loads(sink.text().splitlines()[0])["event"] == "listening"
+
+
+@pytest.mark.parametrize("listen", ["nohost:50052", "127.0.0.1:50052x", "127.0.0.1",
+                                    "127.0.0.1:70000", "::1:50052"])
+def test_a_listen_address_that_is_not_an_address_is_a_config_error(listen):
+    other = Proc("sink", [sys.executable, "-m", "cy_sidecar.usage_sink", "--listen", listen])
+    assert other.popen.wait(20) == 78
+    other.stop(5)
+    assert other.text().startswith(f"Error: --listen {listen!r} is not allowed: expected ")
+    assert "\n" not in other.text()
