@@ -405,8 +405,9 @@ class ProxyService(pb_grpc.AiInferenceServicer):
                     await context.abort(
                         grpc.StatusCode.UNAVAILABLE,
                         "sidecar is shutting down" if self.draining else
-                        f"inference worker still {self.link.state} after "
-                        f"{self.grace:.0f} s (health.reload_grace_secs); retry later",
+                        f"inference worker still {self.link.state} after this call waited "
+                        f"{time.monotonic() - started:.1f} s (requests are held at most "
+                        f"health.reload_grace_secs = {self.grace:g} s); retry later",
                         trailing_metadata=_usage_trailers(rec)
                         + (("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),),
                     )
