@@ -309,6 +309,7 @@ class WorkerLink:
             return False
         self._proto = proto
         self._out = []
+        self.worker_pid = 0  # unknown until this connection's hello names it
         self._oom_seen = False
         self._oom_kills_at_connect = _cgroup_oom_kills()
         self._first_sid = self._next_sid
@@ -332,8 +333,9 @@ class WorkerLink:
                 "the connection closed during the handshake" if proto.closed.done()
                 else f"no hello within {HELLO_TIMEOUT_SECS:.0f} s"
             )
-            log.warning("worker handshake failed uds=%s error=%s next=reconnect",
-                        self.path, reason)
+            if not self._reset_reason:  # else a bad hello was logged as a protocol error
+                log.warning("worker handshake failed uds=%s error=%s next=reconnect",
+                            self.path, reason)
             proto.transport.close()
             self._proto = None
             self._set_state(DEAD)
