@@ -157,11 +157,9 @@ def test_impossible_counts_from_the_worker_reset_the_connection_and_block_nothin
             assert collect(stub.StreamPredict(iter([request(case=case, trace_id=case)]),
                                               timeout=10))["tokens"] == 2
         else:
-            with pytest.raises(grpc.RpcError) as err:
-                collect(stub.StreamPredict(iter([request(case=case, trace_id=case)]),
-                                           timeout=10))
-            assert err.value.code() == grpc.StatusCode.INTERNAL
-            assert "malformed frame" in err.value.details()
+            err = _failure(stub, case)
+            assert err.code() == grpc.StatusCode.INTERNAL
+            assert "malformed frame" in err.details()
         # The proxy reconnects and the meter commits later records: nothing is blocked.
         ok = wait_until(lambda: _try(stub, "after"), timeout=10, what="service again")
         assert ok["tokens"] == 2
@@ -222,20 +220,15 @@ def test_generation_parameters_left_unset_reach_the_worker_as_unset(scripted):
 def test_a_connection_level_oom_ends_that_connection_and_names_nothing_later(scripted):
     with new_channel(scripted.target) as channel:
         stub = pb_grpc.AiInferenceStub(channel)
-        with pytest.raises(grpc.RpcError) as err:
-            collect(stub.StreamPredict(iter([request(case="conn_oom", trace_id="oom")]),
-                                       timeout=10))
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "ran out of memory: CUDA out of memory" in err.value.details()
+        err = _failure(stub, "conn_oom")
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert "ran out of memory: CUDA out of memory" in err.details()
         # The proxy closed that connection itself; the worker lived on, so a fresh
         # connection serves, and a later loss of it is a crash, not the old OOM.
         wait_until(lambda: _try(stub, "after-oom"), timeout=10, what="service again")
-        with pytest.raises(grpc.RpcError) as err:
-            collect(stub.StreamPredict(iter([request(case="close", trace_id="closed")]),
-                                       timeout=10))
-        assert "closed the connection" in err.value.details()
-    assert record_for(scripted, "oom")["status"] == "worker_oom"
-    assert record_for(scripted, "closed")["status"] == "worker_crash"
+        assert "closed the connection" in _failure(stub, "close").details()
+    assert record_for(scripted, "conn_oom")["status"] == "worker_oom"
+    assert record_for(scripted, "close")["status"] == "worker_crash"
     assert "worker error code=oom" in scripted.sidecar.text()
 
 
@@ -243,12 +236,10 @@ def test_a_worker_stuck_in_the_middle_of_a_frame_is_reset_like_a_silent_one(scri
     # Bytes keep coming but never complete a frame, and pings go unanswered.
     with new_channel(scripted.target) as channel:
         stub = pb_grpc.AiInferenceStub(channel)
-        with pytest.raises(grpc.RpcError) as err:
-            collect(stub.StreamPredict(iter([request(case="trickle", trace_id="stuck")]),
-                                       timeout=12))
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "stopped answering pings" in err.value.details()
-    assert record_for(scripted, "stuck")["status"] == "worker_crash"
+        err = _failure(stub, "trickle", timeout=12)
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert "stopped answering pings" in err.details()
+    assert record_for(scripted, "trickle")["status"] == "worker_crash"
 
 
 def test_a_huge_worker_error_message_is_cut_and_the_usage_trailers_still_arrive(scripted):
@@ -281,6 +272,13 @@ def test_control_commands_too_long_or_too_large_are_invalid_and_harm_nothing(run
         assert reply.payload["state"] == "ready"
         health = stub.Health(pb.WorkerHealthRequest(), timeout=5)
         assert health.healthy
+
+
+def _failure(stub, case: str, timeout: float = 10) -> grpc.RpcError:
+    """The error that a call of the scripted worker's `case` ends with (trace id: case)."""
+    with pytest.raises(grpc.RpcError) as err:
+        collect(stub.StreamPredict(iter([request(case=case, trace_id=case)]), timeout=timeout))
+    return err.value
 
 
 def _try(stub, trace_id):
