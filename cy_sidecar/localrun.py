@@ -95,7 +95,7 @@ class Proc:
                 seen = len(self.lines)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (self.popen.poll() is not None and not self._alive()):
-                    tail = "\n".join(f"  {s}: {l}" for s, l in self.lines[-15:])
+                    tail = "\n".join(f"  {src}: {line}" for src, line in self.lines[-15:])
                     raise StackError(
                         f"{self.name} (pid {self.pid}) did not print /{pattern}/ within "
                         f"{timeout:.0f} s; exit code {self.popen.poll()}; last lines:\n{tail}"

@@ -570,7 +570,7 @@ class ProxyService(pb_grpc.AiInferenceServicer):
                         rec.advance(stream.tokens, stream.prompt, 0)
                         rec.apply_usage(event.get("usage"))
                         break
-                    if not type(event) is dict:
+                    if type(event) is not dict:
                         break
         except TimeoutError:
             pass

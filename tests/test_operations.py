@@ -18,7 +18,6 @@ import grpc
 import pytest
 
 from cy_sidecar.localrun import cli
-from cy_sidecar.protos import cy_llm_pb2 as pb
 from cy_sidecar.protos import cy_llm_pb2_grpc as pb_grpc
 
 from helpers import collect, new_channel, proxy_pid_of, request, scrape, wait_until
