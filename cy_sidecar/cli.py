@@ -195,7 +195,10 @@ def stop(config: Optional[str] = ConfigOpt) -> None:
 def reload(config: Optional[str] = ConfigOpt) -> None:
     """Re-read the configuration and replace the proxy processes one by one."""
     reply = _control(config, "reload")
-    typer.echo(f"reloading: replacing {reply.get('replacing', 0)} proxy processes")
+    if reply.get("queued"):
+        typer.echo("reload queued: it starts when the reload already running finishes")
+    else:
+        typer.echo(f"reloading: replacing {reply.get('replacing', 0)} proxy processes")
 
 
 @config_app.command("check")

@@ -630,14 +630,6 @@ class Supervisor:
     def reload(self, why: str) -> dict:
         if self.stopping:
             return {"ok": False, "error": "the sidecar is stopping"}
-        if self.reload_active:
-            # One reload at a time: replacing the proxies a reload has just started (and
-            # the meter it has just replaced) would only cut them short. The file is read
-            # when the next one starts, so it sees the latest edit.
-            self.reload_pending = why
-            log.info("reload queued reason=%s next=start when the running reload finishes",
-                     why)
-            return {"ok": True, "queued": True}
         try:
             cfg = config_mod.load(self.config_path).with_overrides(procs=self.procs)
         except Exception as exc:  # noqa: BLE001 - whatever the file holds, a reload must
@@ -651,6 +643,14 @@ class Supervisor:
             return {"ok": False, "reason": "config",
                     "error": f"reload refused, the sidecar keeps its current configuration: "
                              f"{exc}"}
+        if self.reload_active:
+            # One reload at a time: replacing the proxies a reload has just started (and
+            # the meter it has just replaced) would only cut them short. The file is read
+            # again when the next one starts, so it sees the latest edit.
+            self.reload_pending = why
+            log.info("reload queued reason=%s next=start when the running reload finishes",
+                     why)
+            return {"ok": True, "queued": True}
         self.notifier.reloading()
         self.reload_ready_due = True
         log.info("reload starting reason=%s procs=%s", why, self.procs)

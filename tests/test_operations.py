@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from cy_sidecar.localrun import cli
+from cy_sidecar.supervisor import control
 from cy_sidecar.protos import cy_llm_pb2_grpc as pb_grpc
 
 from helpers import collect, new_channel, proxy_pid_of, request, scrape, wait_until
@@ -126,6 +127,23 @@ def test_stop_and_reload_through_the_control_socket(running):
         out = collect(pb_grpc.AiInferenceStub(channel).StreamPredict(
             iter([request(tokens=3)]), timeout=10))
         assert out["tokens"] == 3
+
+    # Two reloads back to back: the second waits for the first. A file that does not load
+    # is refused at once, even while a reload runs.
+    mark = len(running.sidecar.lines)
+    first = control.request(sock, "reload")
+    second = control.request(sock, "reload")
+    assert first == {"ok": True, "replacing": 2} and second == {"ok": True, "queued": True}
+    with open(running.config_path, "a", encoding="utf-8") as fh:
+        fh.write("\n[server]\nprocs = 'many'\n")
+    refused = control.request(sock, "reload")
+    assert not refused["ok"] and refused["reason"] == "config"
+    running.write_config()
+    first_done = running.sidecar.wait_for(r"reload finished", timeout=30, start=mark)
+    after = running.sidecar.lines.index(("err", first_done.string)) + 1
+    running.sidecar.wait_for(r"reload starting reason=control socket", timeout=10,
+                             start=after)
+    running.sidecar.wait_for(r"reload finished", timeout=30, start=after)
 
     proc = run_cli("stop", "--config", running.config_path)
     assert proc.returncode == 0, proc.stderr
