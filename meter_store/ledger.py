@@ -353,12 +353,12 @@ class Ledger:
             ).fetchone()
             last_seq, cumulative = row if row else (0, 0)
             known = self._known_ids(conn, [r.record_id for r in ordered])
-            # A ledger-wide commit counter: never reused, even when the newest rows were
-            # folded or pruned.
-            (pos,) = conn.execute(
-                "SELECT MAX(COALESCE((SELECT value FROM meta WHERE key = 'pos'), 0), "
-                "COALESCE((SELECT MAX(pos) FROM records), 0))"
-            ).fetchone()
+            # A ledger-wide commit counter, kept in meta: never reused, even when the newest
+            # rows were folded or pruned. (No scan of the records: it grows with the ledger.)
+            row = conn.execute("SELECT value FROM meta WHERE key = 'pos'").fetchone()
+            if row is None:  # nothing committed yet, or a ledger written without the counter
+                row = conn.execute("SELECT COALESCE(MAX(pos), 0) FROM records").fetchone()
+            (pos,) = row
             fresh: list[SlotRecord] = []
             rows: list[tuple[Any, ...]] = []
             skipped = 0
