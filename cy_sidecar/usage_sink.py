@@ -23,10 +23,8 @@ everything, so a resent record is accepted again.
 from __future__ import annotations
 
 import argparse
-import errno
 import ipaddress
 import signal
-import socket
 import sqlite3
 import sys
 import threading
@@ -159,30 +157,6 @@ def _listen_problem(listen: str) -> str | None:
     return None
 
 
-def _held(listen: str) -> str | None:
-    """Why `listen` cannot be bound right now, or None: a probe bound without SO_REUSEPORT
-    fails on any listener, so the error is ours, not a line of gRPC's core."""
-    host, _, port = listen.rpartition(":")
-    host = host[1:-1] if host.startswith("[") else host
-    if int(port) == 0:
-        return None
-    try:
-        info = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as exc:
-        return f"cannot resolve {host}: {exc.strerror}"
-    probe = socket.socket(info[0], info[1], info[2])
-    try:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind(info[4])
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            return "the address is already in use (stop the other program or choose another port)"
-        return exc.strerror or str(exc)
-    finally:
-        probe.close()
-    return None
-
-
 def run_sink(
     listen: str,
     db_path: str | None = None,
@@ -195,10 +169,14 @@ def run_sink(
     if problem:
         print(f"Error: --listen {listen!r} is not allowed: expected {problem}", file=sys.stderr)
         return exitcodes.CONFIG
-    why = _held(listen)
-    if why:
-        print(f"Error: usage-sink cannot listen on {listen}: {why}", file=sys.stderr)
-        return exitcodes.UNAVAILABLE
+    from cy_sidecar.supervisor.arbiter import StartupError, check_port_free
+
+    try:
+        # The sidecar's own probe: gRPC's bind error would be a line of its core instead.
+        check_port_free(listen, "--listen")
+    except StartupError as exc:
+        print(f"Error: usage-sink cannot listen: {exc}", file=sys.stderr)
+        return exc.code
     try:
         store = _Store(db_path)
     except sqlite3.Error as exc:

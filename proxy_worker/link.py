@@ -387,11 +387,10 @@ class WorkerLink:
                     "worker unresponsive uds=%s worker_pid=%s silent_secs=%.1f "
                     "next=reset connection", self.path, self.worker_pid, silent,
                 )
-                self._reset_reason = (
+                self._reset(
                     f"inference worker pid={self.worker_pid} stopped answering pings for "
                     f"{silent:.0f} s; the sidecar reset the connection"
                 )
-                proto.transport.abort()
                 return
             self.send({"t": "ping", "id": self._next_ping})
             self._next_ping += 1
@@ -423,22 +422,27 @@ class WorkerLink:
                 waiter.set_exception(ConnectionError(reason))
         self._ctl_waiters.clear()
 
+    def _reset(self, reason: str) -> None:
+        """Abort the current connection; its streams and waiters end with `reason` when
+        the transport reports the loss (see _connection_ended)."""
+        self._reset_reason = reason
+        proto = self._proto
+        if proto and proto.transport:
+            proto.transport.abort()
+
     def protocol_error(self, detail: str) -> None:
         """A malformed frame: reset the connection; its streams fail with INTERNAL."""
-        self._reset_reason = f"the sidecar reset the worker connection: {detail}"
         log.error(
             "worker protocol error uds=%s worker_pid=%s error=%r next=reset connection",
             self.path, self.worker_pid, detail,
         )
         if self._on_frame_error:
             self._on_frame_error()
-        proto = self._proto
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.ended = True
             stream.push({"t": "err", "code": "protocol", "msg": f"bad frame: {detail}"})
-        if proto and proto.transport:
-            proto.transport.abort()
+        self._reset(f"the sidecar reset the worker connection: {detail}")
 
     # -- frames ----------------------------------------------------------------------
 
@@ -500,18 +504,13 @@ class WorkerLink:
                 # its process exits. Closing it here keeps a worker that lives on from
                 # naming a later loss of a fresh connection after this error.
                 code, msg = frame.get("code"), str(frame.get("msg", ""))[:200]
-                if code == "oom":
-                    self._oom_seen = True
-                    self._reset_reason = (f"inference worker pid={self.worker_pid} ran out "
-                                          f"of memory: {msg}")
-                else:
-                    self._reset_reason = (f"inference worker pid={self.worker_pid} gave up "
-                                          f"its connection ({code}): {msg}")
                 log.error("worker error code=%s msg=%r worker_pid=%s next=reset connection",
                           code, msg, self.worker_pid)
-                proto = self._proto
-                if proto and proto.transport:
-                    proto.transport.abort()
+                if code == "oom":
+                    self._oom_seen = True
+                self._reset(f"inference worker pid={self.worker_pid} " + (
+                    f"ran out of memory: {msg}" if code == "oom"
+                    else f"gave up its connection ({code}): {msg}"))
                 return False
             stream = self.streams.pop(sid, None)
             if stream is None:
