@@ -27,7 +27,11 @@ fi
 stamp="$venv/.cy-sidecar-installed"
 want="$(cat "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "installing cy-sidecar and its dependencies into $venv" >&2
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[test]" >&2
+    # PYTHONWARNINGS: setuptools warns on every editable install that a folder named like the
+    # package may shadow it; the sidecar's own commands start Python with -P against that.
+    PYTHONWARNINGS=ignore "$venv/bin/python" -m pip install --quiet \
+        --disable-pip-version-check -e "$root[test]" >&2
     echo "$want" > "$stamp"
 fi
